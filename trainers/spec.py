@@ -1,0 +1,233 @@
+"""The run spec: one pydantic model shared by the launcher and the workers.
+
+This module must stay importable without torch, ray or deepspeed: `launch validate`
+and `launch schema` import it on a laptop. Field docstrings become the CLI help and
+the JSON Schema (`launch schema`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class LoraSpec(Strict):
+    """Parameter-efficient fine-tuning with LoRA adapters (peft)."""
+
+    type: Literal["lora"] = "lora"
+    """`lora` trains low-rank adapters on frozen base weights."""
+    r: int = Field(16, gt=0)
+    """Rank of the adapter matrices."""
+    alpha: int = Field(32, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """Module names (or `all-linear`) to wrap with adapters."""
+
+
+class ModelSpec(Strict):
+    path: str = Field(min_length=1)
+    """Hugging Face hub id, a local directory, or `s3://bucket/prefix` of a saved model."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Training precision. `auto`: bfloat16 on GPUs, float32 on CPUs."""
+    peft: LoraSpec | None = None
+    """Adapters to train instead of all weights; omit for full fine-tuning."""
+    freeze: list[str] = []
+    """Regular expressions of parameter names to keep frozen (e.g. `embed_tokens`)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped with the model."""
+
+
+class DatasetSpec(Strict):
+    path: str = Field(min_length=1)
+    """A `.jsonl`/`.json`/`.parquet` file or directory, local or `s3://`, or a hub dataset id."""
+    format: Literal["text", "alpaca", "messages"] = "text"
+    """`text`: raw text (`text_field`); `alpaca`: instruction/input/output; `messages`: chat turns."""
+    text_field: str = "text"
+    """Column holding raw text (format `text`)."""
+    messages_field: str = "messages"
+    """Column holding a list of `{role, content}` turns (format `messages`)."""
+    split: str = "train"
+    """Split to read when `path` is a hub dataset id."""
+
+
+class DataSpec(Strict):
+    train: list[DatasetSpec] = Field(min_length=1)
+    """Training datasets; rows of all of them are concatenated."""
+    eval: list[DatasetSpec] = []
+    """Held-out datasets for eval loss; see also `eval_fraction`."""
+    eval_fraction: float = Field(0.0, ge=0, lt=0.5)
+    """Fraction of the training rows held out for evaluation when `eval` is empty."""
+    max_seq_len: int = Field(2048, ge=8)
+    """Tokens per training sequence; longer examples are truncated (or split when packing)."""
+    packing: bool = True
+    """Concatenate examples into full `max_seq_len` sequences instead of padding each."""
+    shuffle: bool = True
+    """Shuffle the tokenized rows once (seeded by `train.seed`)."""
+
+
+class ZeroSpec(Strict):
+    """DeepSpeed shorthand: a ZeRO stage and CPU offload."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 1 shards optimizer state, 2 adds gradients, 3 adds parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO-Infinity; stage 3 only)."""
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> "ZeroSpec":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage: 3")
+        return self
+
+
+class TrainSpec(Strict):
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when `max_steps` is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run; overrides `epochs`."""
+    lr: float = Field(2e-5, gt=0)
+    """Peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of the steps spent warming up linearly from 0."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 disables)."""
+    micro_batch_size: int = Field(1, gt=0)
+    """Sequences per worker per forward pass."""
+    global_batch_size: int | None = Field(None, gt=0)
+    """Sequences per optimizer step over all workers; gradient accumulation is derived.
+    Default: micro_batch_size x workers."""
+    deepspeed: Union[ZeroSpec, str] = ZeroSpec()
+    """ZeRO shorthand (`{stage: 3, offload_optimizer: true}`) or a path to a DeepSpeed JSON;
+    Hugging Face style `"auto"` values in it are filled from this spec."""
+    seed: int = 42
+    """Seed for weights of new modules, shuffling and dropout."""
+    log_every: int = Field(1, gt=0)
+    """Report metrics every N optimizer steps."""
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate every N steps (and always at the end when there is eval data)."""
+
+
+class ResourcesSpec(Strict):
+    workers: int = Field(1, gt=0)
+    """Ray Train workers (one DeepSpeed rank each)."""
+    gpus_per_worker: Union[Literal["auto"], int] = "auto"
+    """GPUs per worker. `auto`: 1 when the cluster has GPUs, else 0 (CPU training with gloo)."""
+    cpus_per_worker: float = Field(1, gt=0)
+    """CPUs reserved per worker."""
+    accelerator_type: str | None = None
+    """Ray accelerator type to pin workers to, e.g. `H100` or `A100-80G`."""
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _non_negative(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
+
+
+class CheckpointSpec(Strict):
+    storage: str = "~/.cache/llmlaunch/runs"
+    """Where runs are written: `s3://bucket/prefix` (any S3-compatible store via
+    `AWS_ENDPOINT_URL`) or a local directory. Layout: `<storage>/<name>/<run-id>/`."""
+    every_n_steps: int = Field(100, ge=0)
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    keep: int = Field(2, gt=0)
+    """Checkpoints kept per run; older ones are deleted."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint of an unfinished run of this
+    `name`; `never`: start fresh; or the URI of a checkpoint directory."""
+
+
+class _RunBase(Strict):
+    name: str
+    """Run name: lowercase letters, digits and `-`; runs are stored under it."""
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    env: dict[str, str] = {}
+    """Environment variables for the workers (no secrets: use `secrets`)."""
+    secrets: list[str] = []
+    """Names of environment variables the workers receive from the cluster's secret store
+    (local: the launcher's environment). Values never appear in the spec or logs."""
+    defaults: list[str] = []
+    """Spec files merged under this one, in order (resolved by the launcher)."""
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("use 1-52 lowercase letters, digits and '-', starting and ending alphanumeric")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "_RunBase":
+        per_step = self.train.micro_batch_size * self.resources.workers
+        gbs = self.train.global_batch_size
+        if gbs is not None and gbs % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({gbs}) must be a multiple of micro_batch_size x workers ({per_step})"
+            )
+        if self.model.peft is not None and self.model.freeze:
+            raise ValueError("model.freeze has no effect with model.peft (the base model is frozen already)")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        per_step = self.train.micro_batch_size * self.resources.workers
+        return (self.train.global_batch_size or per_step) // per_step
+
+
+class SftRun(_RunBase):
+    """Supervised fine-tuning (full or LoRA) on text, alpaca or chat data."""
+
+    method: Literal["sft"]
+    """Training method."""
+
+
+class PretrainRun(_RunBase):
+    """Continued pre-training (domain adaptation): causal LM loss on every token of raw text."""
+
+    method: Literal["pretrain"]
+    """Training method."""
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "PretrainRun":
+        for i, ds in enumerate(self.data.train + self.data.eval):
+            if ds.format != "text":
+                raise ValueError(f"pretrain reads raw text: dataset {i} has format {ds.format!r}; use method: sft")
+        return self
+
+
+RunSpec = Annotated[Union[SftRun, PretrainRun], Field(discriminator="method")]
+METHODS = ("sft", "pretrain")
+
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(RunSpec)
+
+
+def parse_spec(data: dict[str, Any]) -> SftRun | PretrainRun:
+    """Validate a plain dict; raises pydantic.ValidationError with every problem."""
+    return _ADAPTER.validate_python(data)
+
+
+def json_schema() -> dict[str, Any]:
+    return _ADAPTER.json_schema()
