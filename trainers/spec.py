@@ -218,13 +218,14 @@ class PretrainRun(_RunBase):
         return self
 
 
-RunSpec = Annotated[Union[SftRun, PretrainRun], Field(discriminator="method")]
+AnyRun = Union[SftRun, PretrainRun]
+RunSpec = Annotated[AnyRun, Field(discriminator="method")]
 METHODS = ("sft", "pretrain")
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(RunSpec)
 
 
-def parse_spec(data: dict[str, Any]) -> SftRun | PretrainRun:
+def parse_spec(data: dict[str, Any]) -> AnyRun:
     """Validate a plain dict; raises pydantic.ValidationError with every problem."""
     return _ADAPTER.validate_python(data)
 

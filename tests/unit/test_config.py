@@ -1,0 +1,274 @@
+"""launcher.config: YAML -> defaults -> overrides -> interpolation -> paths -> validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from launcher import config
+from launcher.config import issues_from_validation_error, load_spec, load_yaml_mapping
+from launcher.errors import SpecError
+from trainers.spec import METHODS, PretrainRun, SftRun, ZeroSpec, parse_spec
+
+VALID = """
+name: demo
+method: sft
+model:
+  path: meta-llama/Llama-3.1-8B
+data:
+  train:
+    - path: s3://bucket/train.jsonl
+      format: messages
+"""
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def spec_error(path: Path, overrides: list[str] = ()) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        load_spec(path, overrides)
+    return info.value
+
+
+def by_path(err: SpecError) -> dict:
+    return {issue.path: issue for issue in err.issues}
+
+
+def test_valid_spec_loads(tmp_path):
+    run = load_spec(write(tmp_path, "run.yaml", VALID))
+    assert isinstance(run, SftRun)
+    assert run.name == "demo"
+    assert run.data.train[0].format == "messages"
+    assert run.defaults == []
+
+
+def test_pretrain_method_selects_pretrain_model(tmp_path):
+    run = load_spec(write(tmp_path, "run.yaml", VALID.replace("method: sft", "method: pretrain")
+                          .replace("format: messages", "format: text")))
+    assert isinstance(run, PretrainRun)
+
+
+def test_defaults_are_merged_under_the_spec(tmp_path):
+    write(tmp_path, "base/common.yaml", """
+        train: {lr: 3.0e-4, epochs: 3}
+        resources: {workers: 4}
+    """)
+    path = write(tmp_path, "run.yaml", VALID + "defaults: [base/common.yaml]\ntrain: {lr: 1.0e-5}\n")
+    run = load_spec(path)
+    assert run.train.lr == 1e-5  # the spec wins
+    assert run.train.epochs == 3  # the default fills in, merged per key
+    assert run.resources.workers == 4
+    assert run.defaults == []
+
+
+def test_nested_defaults_resolve_relative_to_their_own_file(tmp_path):
+    write(tmp_path, "base/root.yaml", "train: {seed: 7, epochs: 5}\n")
+    write(tmp_path, "base/mid.yaml", "defaults: [root.yaml]\ntrain: {epochs: 2}\n")
+    run = load_spec(write(tmp_path, "run.yaml", VALID + "defaults: [base/mid.yaml]\n"))
+    assert (run.train.seed, run.train.epochs) == (7, 2)
+
+
+def test_defaults_cycle_is_an_error(tmp_path):
+    write(tmp_path, "a.yaml", "defaults: [b.yaml]\n")
+    write(tmp_path, "b.yaml", "defaults: [a.yaml]\n")
+    err = spec_error(write(tmp_path, "run.yaml", VALID + "defaults: [a.yaml]\n"))
+    assert [i.path for i in err.issues] == ["defaults"]
+    assert "cycle" in err.issues[0].message
+    assert "a.yaml -> " in err.issues[0].message
+
+
+def test_missing_defaults_file_is_named(tmp_path):
+    err = spec_error(write(tmp_path, "run.yaml", VALID + "defaults: [nope.yaml]\n"))
+    assert err.source.endswith("nope.yaml")
+    assert "not found" in err.issues[0].message
+
+
+def test_overrides_win_and_are_typed(tmp_path):
+    path = write(tmp_path, "run.yaml", VALID + "train: {lr: 3.0e-4}\n")
+    run = load_spec(path, ["train.lr=1e-4", "resources.workers=8", "data.train[0].format=text"])
+    assert run.train.lr == 1e-4
+    assert run.resources.workers == 8
+    assert run.data.train[0].format == "text"
+
+
+def test_overrides_are_typed_before_validation(tmp_path, monkeypatch):
+    # pydantic would coerce "1e-4" too: look at the dict it is given
+    seen = {}
+    monkeypatch.setattr(config, "parse_spec", lambda data: seen.update(data) or parse_spec(data))
+    load_spec(write(tmp_path, "run.yaml", VALID), ["train.lr=1e-4", "resources.workers=8"])
+    assert seen["train"]["lr"] == 1e-4 and isinstance(seen["train"]["lr"], float)
+    assert seen["resources"]["workers"] == 8 and isinstance(seen["resources"]["workers"], int)
+    assert "defaults" not in seen
+
+
+def test_malformed_override_names_the_override(tmp_path):
+    err = spec_error(write(tmp_path, "run.yaml", VALID), ["train.lr", "resources.workers=2", "=3"])
+    assert [i.path for i in err.issues] == ["train.lr", "=3"]
+
+
+def test_interpolation_is_resolved(tmp_path):
+    path = write(tmp_path, "run.yaml", VALID + """
+        env:
+          RUN_NAME: ${name}
+          FIRST: ${data.train[0].path}
+        checkpoint: {storage: "s3://runs/${name}"}
+    """.replace("\n        ", "\n"))
+    run = load_spec(path)
+    assert run.env == {"RUN_NAME": "demo", "FIRST": "s3://bucket/train.jsonl"}
+    assert run.checkpoint.storage == "s3://runs/demo"
+
+
+def test_interpolation_error_has_its_path(tmp_path):
+    err = spec_error(write(tmp_path, "run.yaml", VALID + "env: {X: '${nope.key}'}\n"))
+    assert [i.path for i in err.issues] == ["env.X"]
+    assert "nope" in err.issues[0].message
+
+
+def test_relative_paths_resolve_against_the_spec_directory(tmp_path, monkeypatch):
+    spec_dir = tmp_path / "specs"
+    (spec_dir / "data").mkdir(parents=True)
+    (spec_dir / "data" / "train.jsonl").write_text("{}\n")
+    (spec_dir / "data" / "eval.jsonl").write_text("{}\n")
+    (spec_dir / "ds.json").write_text("{}")
+    path = write(spec_dir, "run.yaml", """
+        name: demo
+        method: sft
+        model: {path: meta-llama/Llama-3.1-8B}
+        data:
+          train: [{path: data/train.jsonl}, {path: org/hub-dataset}]
+          eval: [{path: data/eval.jsonl}]
+        train: {deepspeed: ds.json}
+        checkpoint: {storage: out/runs}
+    """)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run = load_spec(path)
+    assert run.data.train[0].path == str(spec_dir / "data" / "train.jsonl")
+    assert run.data.train[1].path == "org/hub-dataset"  # does not exist locally: a hub id
+    assert run.data.eval[0].path == str(spec_dir / "data" / "eval.jsonl")
+    assert run.model.path == "meta-llama/Llama-3.1-8B"
+    assert run.train.deepspeed == str(spec_dir / "ds.json")
+    assert run.checkpoint.storage == str(cwd / "out" / "runs")
+
+
+def test_storage_expands_user_and_keeps_uris(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run = load_spec(write(tmp_path, "run.yaml", VALID + "checkpoint: {storage: ~/runs}\n"))
+    assert run.checkpoint.storage == str(tmp_path / "home" / "runs")
+    run = load_spec(write(tmp_path, "run.yaml", VALID + "checkpoint: {storage: s3://b/p}\n"))
+    assert run.checkpoint.storage == "s3://b/p"
+
+
+def test_deepspeed_shorthand_is_not_treated_as_a_path(tmp_path):
+    run = load_spec(write(tmp_path, "run.yaml", VALID + "train: {deepspeed: {stage: 3}}\n"))
+    assert run.train.deepspeed == ZeroSpec(stage=3)
+
+
+def test_three_mistakes_give_three_issues_at_once(tmp_path):
+    path = write(tmp_path, "run.yaml", """
+        name: Bad_Name
+        method: sft
+        model: {path: m, dtyp: bfloat16}
+        data:
+          train: [{path: a.jsonl}]
+        train: {micro_batchsize: 4}
+    """)
+    err = spec_error(path)
+    assert err.source == str(path)
+    issues = by_path(err)
+    assert set(issues) == {"name", "model.dtyp", "train.micro_batchsize"}
+    assert len(err.issues) == 3
+    assert issues["model.dtyp"].suggestion == "dtype"
+    assert issues["model.dtyp"].value is None
+    assert issues["train.micro_batchsize"].suggestion == "micro_batch_size"
+    assert issues["name"].value == "Bad_Name"
+    assert not issues["name"].message.startswith("Value error")
+    assert "did you mean `dtype`?" in err.message
+
+
+def test_list_index_paths(tmp_path):
+    path = write(tmp_path, "run.yaml", VALID.replace("format: messages", "format: chatml"))
+    err = spec_error(path)
+    assert [i.path for i in err.issues] == ["data.train[0].format"]
+    assert err.issues[0].value == "chatml"
+
+
+def test_union_member_errors_are_not_duplicated(tmp_path):
+    err = spec_error(write(tmp_path, "run.yaml", VALID + "train: {deepspeed: {stag: 3}}\n"))
+    assert [(i.path, i.suggestion) for i in err.issues] == [("train.deepspeed.stag", "stage")]
+    err = spec_error(write(tmp_path, "run.yaml", VALID + "train: {deepspeed: 5}\n"))
+    assert [i.path for i in err.issues] == ["train.deepspeed"]
+    assert "mapping" in err.issues[0].message and "string" in err.issues[0].message
+
+
+@pytest.mark.parametrize("line, value", [("", None), ("method: sfft\n", "sfft")])
+def test_missing_or_unknown_method_lists_valid_ones(tmp_path, line, value):
+    err = spec_error(write(tmp_path, "run.yaml", VALID.replace("method: sft\n", line)))
+    assert [i.path for i in err.issues] == ["method"]
+    for method in METHODS:
+        assert method in err.issues[0].message
+    assert err.issues[0].value == value
+    assert err.issues[0].suggestion == ("sft" if value else None)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "run.yaml", "name: demo\nmethod: sft\nmodel: path: m\ndata: {}\n")
+    err = spec_error(path)
+    assert err.source == str(path)
+    assert "YAML syntax error at line" in err.issues[0].message
+    assert "line 3" in err.issues[0].message
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    err = spec_error(write(tmp_path, "run.yaml", "- a\n- b\n"))
+    assert "mapping" in err.issues[0].message and "list" in err.issues[0].message
+
+
+def test_missing_file(tmp_path):
+    err = spec_error(tmp_path / "nope.yaml")
+    assert err.source == str(tmp_path / "nope.yaml")
+    assert "not found" in err.issues[0].message
+    assert err.exit_code == 2
+
+
+def test_load_yaml_mapping_uses_the_safe_loader(tmp_path):
+    path = write(tmp_path, "x.yaml", "a: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(SpecError):
+        load_yaml_mapping(path)
+    assert load_yaml_mapping(write(tmp_path, "y.yaml", "a: 1\n")) == {"a": 1}
+
+
+def test_issues_from_validation_error_works_for_a_plain_model():
+    class Group(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        replicas: int = 1
+
+    class Cluster(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        kind: str
+        workers: list[Group] = []
+        head: Group | None = None
+
+    with pytest.raises(ValidationError) as info:
+        Cluster.model_validate({"kind": "aws", "workers": [{"replica": 2}], "head": {"replicas": "x"}})
+    issues = {i.path: i for i in issues_from_validation_error(info.value, Cluster)}
+    assert set(issues) == {"workers[0].replica", "head.replicas"}
+    assert issues["workers[0].replica"].suggestion == "replicas"
+    assert issues["head.replicas"].value == "x"
+
+
+def test_config_does_not_import_heavy_modules():
+    code = "import sys, launcher.config; print([m for m in ('torch','ray','deepspeed') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,203 @@
+"""Checkpoints and the final export.
+
+A checkpoint is `<run>/checkpoints/step_NNNNNNNN/`: DeepSpeed's files from every rank
+(uploaded by Ray Train, which merges the ranks' directories), one `rank_R.json` per rank
+listing that rank's files, and `manifest.json`, written by rank 0 LAST, only after it has
+seen every rank's files in storage. Without a manifest a checkpoint does not exist: resume
+never picks it and retention never counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from trainers import storage
+
+MANIFEST = "manifest.json"
+RESULT = "result.json"  # written at the end of a finished run
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def run_uri(storage_uri: str, name: str, run_id: str) -> str:
+    return storage.join(storage_uri, name, run_id)
+
+
+# ---------------------------------------------------------------- finding checkpoints
+
+def _sizes(uri: str) -> dict[str, int]:
+    """Relative path -> size of every file below uri."""
+    fs, root = storage.filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except FileNotFoundError:
+        return {}
+    return {i.path[len(root):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def is_complete(ckpt_uri: str) -> bool:
+    """A manifest exists and every file it lists is present with its size."""
+    text = storage.read_text(storage.join(ckpt_uri, MANIFEST))
+    if text is None:
+        return False
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    present = _sizes(ckpt_uri)
+    return all(present.get(path) == size for path, size in manifest["files"].items())
+
+
+def complete_checkpoints(run: str) -> list[str]:
+    """URIs of the complete checkpoints of one run, oldest step first."""
+    ckpts = storage.join(run, "checkpoints")
+    names = sorted(n for n in storage.list_dir(ckpts) if n.startswith("step_"))
+    return [storage.join(ckpts, n) for n in names if is_complete(storage.join(ckpts, n))]
+
+
+def find_resume(storage_uri: str, name: str) -> str | None:
+    """The newest complete checkpoint among this name's unfinished runs (`resume: auto`)."""
+    best: tuple[float, str] | None = None
+    base = storage.join(storage_uri, name)
+    for run_id in storage.list_dir(base):
+        run = storage.join(base, run_id)
+        if storage.exists(storage.join(run, RESULT)):
+            continue  # finished runs are not resumed; a re-run starts fresh
+        for ckpt in complete_checkpoints(run):
+            created = json.loads(storage.read_text(storage.join(ckpt, MANIFEST)))["created_at"]
+            if best is None or created > best[0]:
+                best = (created, ckpt)
+    return best[1] if best else None
+
+
+# ---------------------------------------------------------------- saving (workers)
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides weights and optimizer state."""
+
+    step: int
+    epoch: int
+    tokens_seen: int
+    metrics: list[dict[str, Any]]
+
+
+def save(engine, state: TrainState, run: str, metrics: dict[str, Any], *, keep: int, lora: bool) -> str:
+    """Save on every rank, report to Ray Train, then (rank 0) verify and write the manifest."""
+    import ray.train
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    name = step_dir_name(state.step)
+    local = Path(tempfile.mkdtemp(prefix="ckpt-"))
+    try:
+        # LoRA: the frozen base is the model the run started from; saving it every
+        # checkpoint would cost the full model size for nothing.
+        engine.save_checkpoint(str(local), tag=name, client_state={"train_state": state.__dict__},
+                               exclude_frozen_parameters=lora)
+        files = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()}
+        (local / f"rank_{rank}.json").write_text(json.dumps({"rank": rank, "files": files}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=name)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    ckpt = storage.join(run, "checkpoints", name)
+    dist.barrier()  # every rank's upload has returned
+    if rank == 0:
+        _write_manifest(ckpt, state, world, metrics)
+        _apply_retention(run, keep)
+    dist.barrier()
+    return ckpt
+
+
+def _write_manifest(ckpt: str, state: TrainState, world: int, metrics: dict[str, Any]) -> None:
+    files: dict[str, int] = {}
+    for rank in range(world):
+        text = storage.read_text(storage.join(ckpt, f"rank_{rank}.json"))
+        if text is None:
+            raise RuntimeError(f"checkpoint {ckpt}: rank {rank} uploaded no file list; not marking it complete")
+        files.update(json.loads(text)["files"])
+    present = _sizes(ckpt)
+    missing = [p for p, size in files.items() if present.get(p) != size]
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt}: {len(missing)} files missing or short, e.g. {missing[:3]}")
+    manifest = {"step": state.step, "world_size": world, "created_at": time.time(),
+                "files": files, "metrics": metrics}
+    storage.write_text(storage.join(ckpt, MANIFEST), json.dumps(manifest, indent=1))
+
+
+def _apply_retention(run: str, keep: int) -> None:
+    complete = complete_checkpoints(run)
+    for old in complete[:-keep]:
+        storage.delete(old)
+
+
+def restore(engine, ckpt_uri: str | None, lora: bool) -> TrainState | None:
+    """Load weights, optimizer and scheduler state; None when starting fresh.
+
+    A checkpoint Ray Train already holds for this run (after a worker failure) wins over
+    the one the run was started from."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and ckpt_uri:
+        fs, path = storage.filesystem(ckpt_uri)
+        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as local:
+        tag = sorted(p.name for p in Path(local).iterdir() if p.is_dir() and p.name.startswith("step_"))[-1]
+        _, client = engine.load_checkpoint(local, tag=tag, load_module_strict=not lora)
+    return TrainState(**client["train_state"])
+
+
+# ---------------------------------------------------------------- export
+
+def export(engine, tokenizer, run: str, base_model_dir: str, dtype, lora: bool) -> None:
+    """Write a Hugging Face model to `<run>/model/` (and the LoRA adapter to `<run>/adapter/`).
+
+    Called on every rank: with ZeRO-3 the weights are gathered from all of them."""
+    import torch.distributed as dist
+
+    zero3 = engine.zero_optimization_partition_weights()
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
+    if dist.get_rank() == 0:
+        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+            model_dir, adapter_dir = os.path.join(tmp, "model"), os.path.join(tmp, "adapter")
+            if lora:
+                engine.module.save_pretrained(adapter_dir, state_dict=state_dict)
+                tokenizer.save_pretrained(adapter_dir)
+                _merge_adapter(base_model_dir, adapter_dir, model_dir, dtype)
+                storage.upload_dir(adapter_dir, storage.join(run, "adapter"))
+            else:
+                engine.module.save_pretrained(model_dir, state_dict=state_dict)
+            tokenizer.save_pretrained(model_dir)
+            storage.upload_dir(model_dir, storage.join(run, "model"))
+    dist.barrier()
+
+
+def _merge_adapter(base_model_dir: str, adapter_dir: str, out_dir: str, dtype) -> None:
+    """Base weights + adapter -> one plain model, on CPU, from the files just written: the
+    same path a user would take, and independent of how ZeRO partitioned training."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir)
+
+
+def write_metrics(run: str, metrics: list[dict[str, Any]]) -> None:
+    """`<run>/metrics.jsonl`: every logged step so far, this run's and those it resumed from."""
+    storage.write_text(storage.join(run, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))

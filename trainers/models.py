@@ -1,0 +1,94 @@
+"""Load the model and tokenizer (hub id, local dir or s3://), wrap with LoRA, freeze."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from trainers import storage
+from trainers.spec import AnyRun
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMLAUNCH_HOME", "~/.cache/llmlaunch")).expanduser() / "models"
+
+
+def local_model_dir(path: str, *, weights: bool = True) -> str:
+    """A path `from_pretrained` can read. `s3://` models are copied once per node into the
+    cache (without weight files when only the tokenizer/config is needed); hub ids and
+    local directories are returned unchanged."""
+    if not path.startswith("s3://"):
+        return path
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    dest = cache_dir() / f"{key}{'' if weights else '-meta'}"
+    done = dest / ".complete"
+    if done.exists():
+        return str(dest)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    storage.download_dir(path, str(tmp), skip_suffixes=() if weights else _WEIGHT_SUFFIXES)
+    (tmp / ".complete").touch()
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process on this node finished first
+        pass
+    return str(dest)
+
+
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, Any]):
+    """The model ready for `deepspeed.initialize`: LoRA-wrapped or with frozen parameters."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    # With ZeRO-3 this makes from_pretrained build the model already partitioned over
+    # the ranks (deepspeed.zero.Init), so no rank ever holds all weights. Keep a reference:
+    # transformers only reads it while the object is alive.
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    _keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype(dtype), trust_remote_code=spec.model.trust_remote_code
+    )
+    model.config.use_cache = False
+    if spec.model.peft is not None:
+        from peft import LoraConfig, get_peft_model
+
+        p = spec.model.peft
+        model = get_peft_model(model, LoraConfig(
+            r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules,
+            task_type="CAUSAL_LM",
+        ))
+    for pattern in spec.model.freeze:
+        rx = re.compile(pattern)
+        for name, param in model.named_parameters():
+            if rx.search(name):
+                param.requires_grad_(False)
+    return model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; ZeRO-3 partitions report their full size via ds_numel."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,126 @@
+"""Supervised fine-tuning: full-parameter or LoRA, causal LM loss on the label tokens
+(assistant turns / responses for instruction data, every token for raw text).
+
+`train_loop_per_worker` runs on every Ray Train worker; read it top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from trainers import checkpoint, data, models
+from trainers.ds_config import deepspeed_config, precision
+from trainers.engine import build_engine, quiet_workers
+from trainers.eval import evaluate
+from trainers.spec import parse_spec
+
+PROGRESS = "LLMLAUNCH_PROGRESS "  # prefix of the JSON lines the CLI turns into a progress bar
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    quiet_workers()
+    spec = parse_spec(config["spec"])
+    run, total_steps, steps_per_epoch = config["run_uri"], config["total_steps"], config["steps_per_epoch"]
+    rank = ray.train.get_context().get_world_rank()
+    use_gpu = torch.cuda.is_available()
+    lora = spec.model.peft is not None
+    torch.manual_seed(spec.train.seed + rank)
+
+    # ---- model, tokenizer, engine
+    model_dir = models.local_model_dir(spec.model.path)
+    tokenizer = models.load_tokenizer(model_dir, spec.model.trust_remote_code)
+    dtype = precision(spec, use_gpu)
+    hidden = _hidden_size(model_dir, spec.model.trust_remote_code)
+    ds_config = deepspeed_config(spec, use_gpu=use_gpu, total_steps=total_steps, hidden_size=hidden)
+    model = models.load_model(spec, model_dir, dtype, ds_config)
+    engine = build_engine(model, spec, ds_config, total_steps)
+    trainable, total = models.parameter_counts(engine.module)
+    state = checkpoint.restore(engine, config.get("resume_from"), lora) or checkpoint.TrainState(0, 0, 0, [])
+    if rank == 0:
+        print(f"model: {total:,} parameters, {trainable:,} trainable; ZeRO stage "
+              f"{ds_config['zero_optimization']['stage']}; {dtype}; starting at step {state.step}/{total_steps}",
+              flush=True)
+
+    # ---- train
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
+    engine.train()
+    window_start, window_tokens = time.perf_counter(), 0
+    for step, micro in data.micro_batches(train_shard, micro_batch_size=spec.train.micro_batch_size,
+                                          grad_accum=spec.grad_accum_steps, start_step=state.step,
+                                          total_steps=total_steps, steps_per_epoch=steps_per_epoch):
+        loss_sum = torch.zeros((), dtype=torch.float32)
+        for batch in micro:
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+            loss_sum += loss.detach().float().cpu()
+            window_tokens += int(batch["attention_mask"].sum())
+        state.step = step + 1
+        state.epoch = step // steps_per_epoch
+        done = state.step == total_steps
+
+        if state.step % spec.train.log_every == 0 or done:
+            loss_avg = _mean_over_ranks(loss_sum / len(micro), engine.device)
+            tokens = int(_sum_over_ranks(float(window_tokens), engine.device))
+            elapsed = time.perf_counter() - window_start
+            state.tokens_seen += tokens
+            metrics = {"step": state.step, "epoch": state.epoch, "loss": round(loss_avg, 6),
+                       "lr": engine.get_lr()[0], "tokens_per_s": round(tokens / elapsed, 1),
+                       "tokens_seen": state.tokens_seen, "total_steps": total_steps}
+            state.metrics.append(metrics)
+            if rank == 0:
+                print(PROGRESS + json.dumps(metrics), flush=True)
+            window_start, window_tokens = time.perf_counter(), 0
+
+        if eval_shard is not None and (done or (spec.train.eval_every and state.step % spec.train.eval_every == 0)):
+            eval_loss = evaluate(engine, eval_shard, spec.train.micro_batch_size)
+            state.metrics.append({"step": state.step, "eval_loss": eval_loss,
+                                  "eval_perplexity": math.exp(min(eval_loss, 50))})
+            if rank == 0:
+                print(PROGRESS + json.dumps(state.metrics[-1]), flush=True)
+            engine.train()
+
+        every = spec.checkpoint.every_n_steps
+        if (every and state.step % every == 0) or done:
+            last = dict(state.metrics[-1]) if state.metrics else {"step": state.step}
+            checkpoint.save(engine, state, run, last, keep=spec.checkpoint.keep, lora=lora)
+            if rank == 0:
+                checkpoint.write_metrics(run, state.metrics)
+                print(f"checkpoint saved: step {state.step}", flush=True)
+
+    # ---- export
+    checkpoint.export(engine, tokenizer, run, model_dir, models.torch_dtype(dtype), lora)
+    if rank == 0:
+        print(f"model exported to {run}/model", flush=True)
+    dist.barrier()
+
+
+def _hidden_size(model_dir: str, trust_remote_code: bool) -> int | None:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return getattr(cfg, "hidden_size", None)
+
+
+def _mean_over_ranks(x, device) -> float:
+    import torch.distributed as dist
+
+    return _sum_over_ranks(float(x), device) / dist.get_world_size()
+
+
+def _sum_over_ranks(x: float, device) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=device)  # nccl reduces only GPU tensors
+    dist.all_reduce(t)
+    return float(t)
