@@ -117,9 +117,12 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Sf
     data.pop("defaults", None)  # already merged (an override may have set it again)
     _resolve_paths(data, path.parent)
     try:
-        return parse_spec(data)
+        spec = parse_spec(data)
     except ValidationError as e:
         raise SpecError(str(path), issues_from_validation_error(e, RunSpec)) from None
+    if "://" not in spec.checkpoint.storage:  # the default too: `~` must be this user's home
+        spec.checkpoint.storage = os.path.abspath(os.path.expanduser(spec.checkpoint.storage))
+    return spec
 
 
 # --- pydantic errors -> SpecIssues -------------------------------------------------------

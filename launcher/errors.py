@@ -61,9 +61,10 @@ class ClusterError(LaunchError):
 
 
 class StorageError(LaunchError):
-    """Run storage is unreachable or not writable (checked before anything starts)."""
+    """Run storage is unreachable or not writable (checked before anything starts): a
+    problem with the spec's `checkpoint.storage` or the credentials, so exit 2."""
 
-    exit_code = 3
+    exit_code = 2
 
 
 class JobFailed(LaunchError):

@@ -140,7 +140,7 @@ def read_dataset(ds: DatasetSpec):
     fs, fs_path = storage.filesystem(path)
     if fs_path.endswith(".parquet") or _dir_has(fs, fs_path, ".parquet"):
         return ray.data.read_parquet(fs_path, filesystem=fs)
-    return ray.data.read_json(fs_path, filesystem=fs, lines=not fs_path.endswith(".json"))
+    return ray.data.read_json(fs_path, filesystem=fs)  # newline-delimited or a JSON array
 
 
 def _local_exists(path: str) -> bool:
@@ -231,7 +231,7 @@ def micro_batches(shard, *, micro_batch_size: int, grad_accum: int, start_step: 
                 continue
             if i >= steps_per_epoch or step >= total_steps:
                 break
-            tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+            tensors = {k: torch.from_numpy(np.require(v, requirements='W')) for k, v in batch.items()}
             yield step, [
                 {k: t[j * micro_batch_size:(j + 1) * micro_batch_size] for k, t in tensors.items()}
                 for j in range(grad_accum)

@@ -5,18 +5,19 @@ from __future__ import annotations
 from trainers.data import IGNORE
 
 
-def evaluate(engine, shard, micro_batch_size: int) -> float:
+def evaluate(engine, shard, micro_batch_size: int) -> float | None:
     """Mean next-token loss over every label token of the eval shard (all ranks).
 
-    Every rank runs the same number of forward passes (Ray splits shards equally and we drop
-    the last partial batch): with ZeRO-3 each forward gathers parameters collectively."""
+    Every rank runs the same number of forward passes (Ray splits shards equally: 
+    equal row counts, so equal batch counts): with ZeRO-3 each forward gathers parameters
+    collectively. None when the eval split has no label tokens."""
     import torch
     import torch.distributed as dist
 
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, token count
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True):
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
@@ -24,4 +25,4 @@ def evaluate(engine, shard, micro_batch_size: int) -> float:
                 logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
             totals += torch.stack([loss.double(), (labels != IGNORE).sum().double()])
     dist.all_reduce(totals)
-    return float(totals[0] / totals[1].clamp(min=1))
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None

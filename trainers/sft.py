@@ -83,16 +83,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if eval_shard is not None and (done or (spec.train.eval_every and state.step % spec.train.eval_every == 0)):
             eval_loss = evaluate(engine, eval_shard, spec.train.micro_batch_size)
-            state.metrics.append({"step": state.step, "eval_loss": eval_loss,
-                                  "eval_perplexity": math.exp(min(eval_loss, 50))})
-            if rank == 0:
-                print(PROGRESS + json.dumps(state.metrics[-1]), flush=True)
+            if eval_loss is not None:
+                state.metrics.append({"step": state.step, "eval_loss": round(eval_loss, 6),
+                                      "eval_perplexity": round(math.exp(min(eval_loss, 50)), 4)})
+                if rank == 0:
+                    print(PROGRESS + json.dumps(state.metrics[-1]), flush=True)
             engine.train()
 
         every = spec.checkpoint.every_n_steps
         if (every and state.step % every == 0) or done:
-            last = dict(state.metrics[-1]) if state.metrics else {"step": state.step}
-            checkpoint.save(engine, state, run, last, keep=spec.checkpoint.keep, lora=lora)
+            latest = {"step": state.step}  # this step's train and eval metrics, for Ray (and Tune)
+            for m in state.metrics:
+                if m["step"] == state.step:
+                    latest.update(m)
+            checkpoint.save(engine, state, run, latest, keep=spec.checkpoint.keep, lora=lora)
             if rank == 0:
                 checkpoint.write_metrics(run, state.metrics)
                 print(f"checkpoint saved: step {state.step}", flush=True)

@@ -46,6 +46,16 @@ class ModelSpec(Strict):
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the model."""
 
+    @field_validator("freeze")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {e}") from None
+        return v
+
 
 class DatasetSpec(Strict):
     path: str = Field(min_length=1)
@@ -164,13 +174,18 @@ class _RunBase(Strict):
     train: TrainSpec = TrainSpec()
     resources: ResourcesSpec = ResourcesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
-    env: dict[str, str] = {}
+    env: dict[str, Union[str, int, float, bool]] = {}
     """Environment variables for the workers (no secrets: use `secrets`)."""
     secrets: list[str] = []
     """Names of environment variables the workers receive from the cluster's secret store
     (local: the launcher's environment). Values never appear in the spec or logs."""
     defaults: list[str] = []
     """Spec files merged under this one, in order (resolved by the launcher)."""
+
+    @field_validator("env")
+    @classmethod
+    def _env_as_strings(cls, v: dict[str, Any]) -> dict[str, str]:
+        return {k: str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()}
 
     @field_validator("name")
     @classmethod
@@ -212,9 +227,11 @@ class PretrainRun(_RunBase):
 
     @model_validator(mode="after")
     def _text_only(self) -> "PretrainRun":
-        for i, ds in enumerate(self.data.train + self.data.eval):
-            if ds.format != "text":
-                raise ValueError(f"pretrain reads raw text: dataset {i} has format {ds.format!r}; use method: sft")
+        for split in ("train", "eval"):
+            for i, ds in enumerate(getattr(self.data, split)):
+                if ds.format != "text":
+                    raise ValueError(f"pretrain reads raw text: data.{split}[{i}].format is {ds.format!r}; "
+                                     "use format: text or method: sft")
         return self
 
 

@@ -1,0 +1,280 @@
+"""`launch`: the command line. Command bodies import what they need: `launch --help`,
+`launch validate` and `launch schema` never import torch, deepspeed or ray.train."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from launcher.errors import Interrupted, LaunchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Fine-tune LLMs with DeepSpeed inside Ray Train on a Ray cluster it provisions.\n\n"
+         "`launch RUN.yaml [key=value ...]` is `launch run RUN.yaml ...` on --cluster local.",
+)
+
+ClusterOpt = typer.Option("local", "--cluster", "-c", help="Cluster name (configs/clusters/NAME.yaml) or `local`.")
+Overrides = typer.Argument(None, help="Dotlist overrides, e.g. train.lr=1e-4 resources.workers=8.")
+
+
+@app.command()
+def run(
+    spec_file: Path = typer.Argument(..., metavar="RUN.yaml", help="The run spec."),
+    overrides: Optional[List[str]] = Overrides,
+    cluster: str = ClusterOpt,
+    detach: bool = typer.Option(False, "--detach", "-d", help="Submit and return; follow later with `launch logs`."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print what would be submitted; start nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable events on stdout."),
+) -> None:
+    """Validate, check storage, start (or reuse) the cluster, submit the run and follow it."""
+    from cluster import provider
+    from launcher import preflight, submit
+    from launcher.clusters import load_cluster
+    from launcher.config import load_spec
+    from launcher.output import JobOutput
+    from trainers.checkpoint import run_uri
+
+    spec = load_spec(spec_file, overrides or [])
+    definition = load_cluster(cluster)
+    ds_cfg = preflight.check_spec(spec, str(spec_file))
+    if dry_run:
+        _echo({"spec": spec.model_dump(mode="json"), "deepspeed": ds_cfg, "cluster": definition.model_dump()}, json_out)
+        return
+    preflight.check_deepspeed_rules(spec, ds_cfg, str(spec_file))
+    preflight.check_storage(spec)
+    prov = provider(definition.kind)
+    address = prov.up(definition, on_progress=_say)
+    preflight.check_resources(spec, prov.status(definition))
+    run_id = submit.new_run_id()
+    job_id = submit.submit(address, spec, run_id, local=definition.kind == "local")
+    _say(f"submitted job {job_id}; run directory {run_uri(spec.checkpoint.storage, spec.name, run_id)}")
+    hints = [f"follow:  launch logs {job_id} -f --cluster {cluster}", f"cancel:  launch cancel {job_id} --cluster {cluster}"]
+    if detach:
+        for h in hints:
+            _say(h)
+        return
+    _follow(address, job_id, hints, json_out)
+
+
+def _follow(address: str, job_id: str, hints: list[str], json_out: bool) -> None:
+    from launcher import submit
+    from launcher.errors import JobFailed
+    from launcher.output import JobOutput
+
+    out = JobOutput(json_mode=json_out)
+    try:
+        end = submit.follow(address, job_id, out.feed)
+    except KeyboardInterrupt:
+        out.close()
+        raise Interrupted(job_id, hints) from None
+    out.close()
+    if end.status == "SUCCEEDED":
+        _say(f"job {job_id} succeeded")
+        return
+    raise JobFailed(f"job {job_id} {end.status.lower()}: {end.message.splitlines()[0] if end.message else ''}",
+                    hint=f"full log: launch logs {job_id} --cluster ...")
+
+
+@app.command()
+def validate(
+    spec_file: Path = typer.Argument(..., metavar="RUN.yaml"),
+    overrides: Optional[List[str]] = Overrides,
+    json_out: bool = typer.Option(False, "--json", help="Print the resolved spec as JSON."),
+) -> None:
+    """Check a run spec offline: every problem at once, with its YAML path."""
+    from launcher import preflight
+    from launcher.config import load_spec
+
+    spec = load_spec(spec_file, overrides or [])
+    preflight.check_spec(spec, str(spec_file))
+    if json_out:
+        print(json.dumps(spec.model_dump(mode="json"), indent=1))
+    else:
+        _say(f"{spec_file}: ok ({spec.method}, {spec.resources.workers} workers, "
+             f"{spec.grad_accum_steps} gradient accumulation steps, storage {spec.checkpoint.storage})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the run spec (for editors: `launch schema > run.schema.json`)."""
+    from trainers.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=1))
+
+
+@app.command()
+def up(cluster: str = typer.Argument("local", help="Cluster name or `local`.")) -> None:
+    """Start a cluster (or confirm it is running) and print its Ray Jobs address."""
+    from cluster import provider
+    from launcher.clusters import load_cluster
+
+    definition = load_cluster(cluster)
+    address = provider(definition.kind).up(definition, on_progress=_say)
+    print(address)
+
+
+@app.command()
+def down(cluster: str = typer.Argument("local", help="Cluster name or `local`.")) -> None:
+    """Stop a cluster."""
+    from cluster import provider
+    from launcher.clusters import load_cluster
+
+    definition = load_cluster(cluster)
+    stopped = provider(definition.kind).down(definition)
+    _say(f"cluster {definition.name} stopped" if stopped else f"cluster {definition.name} was not running")
+
+
+@app.command()
+def status(
+    cluster: str = typer.Argument("local", help="Cluster name or `local`."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show the cluster's nodes and resources, and its recent runs."""
+    from dataclasses import asdict
+
+    from cluster import provider
+    from launcher.clusters import load_cluster
+
+    definition = load_cluster(cluster)
+    st = provider(definition.kind).status(definition)
+    jobs = []
+    if st.running:
+        from ray.job_submission import JobSubmissionClient
+
+        for job in JobSubmissionClient(st.address).list_jobs():
+            if job.submission_id:
+                jobs.append({"job": job.submission_id, "status": str(job.status.value),
+                             "started": job.start_time, "message": (job.message or "")[:80]})
+        jobs.sort(key=lambda j: j["started"] or 0)
+    if json_out:
+        print(json.dumps({"cluster": asdict(st), "jobs": jobs}, indent=1))
+        return
+    if not st.running:
+        _say(f"{st.name} ({st.kind}): {st.detail}")
+        return
+    res = ", ".join(f"{k} {v:g}" if k in ("CPU", "GPU") else f"{k} {v / 2**30:.1f} GiB" for k, v in st.resources.items())
+    _say(f"{st.name} ({st.kind}) at {st.address}: {len(st.nodes)} node(s); {res}")
+    for j in jobs[-20:]:
+        _say(f"  {j['job']:<48} {j['status']:<10} {j['message']}")
+
+
+@app.command()
+def logs(
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+    cluster: str = ClusterOpt,
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print a job's log (or follow it)."""
+    address = _address(cluster)
+    if follow:
+        _follow(address, job_id, [f"cancel:  launch cancel {job_id} --cluster {cluster}"], json_out)
+        return
+    from ray.job_submission import JobSubmissionClient
+
+    from launcher.output import JobOutput
+
+    out = JobOutput(json_mode=json_out)
+    out.feed(_job_call(lambda: JobSubmissionClient(address).get_job_logs(job_id), job_id))
+    out.close()
+
+
+@app.command()
+def cancel(job_id: str = typer.Argument(..., metavar="JOB"), cluster: str = ClusterOpt) -> None:
+    """Stop a running job; its complete checkpoints stay and `resume: auto` continues from them."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = _address(cluster)
+    stopped = _job_call(lambda: JobSubmissionClient(address).stop_job(job_id), job_id)
+    _say(f"job {job_id}: stop requested" if stopped else f"job {job_id} was not running")
+
+
+def _address(cluster: str) -> str:
+    from cluster import provider
+    from launcher.clusters import load_cluster
+    from launcher.errors import ClusterError
+
+    definition = load_cluster(cluster)
+    address = provider(definition.kind).address(definition)
+    if address is None:
+        raise ClusterError(f"cluster {definition.name} is not running", hint=f"launch up {cluster}")
+    return address
+
+
+def _job_call(fn, job_id: str):
+    from launcher.errors import UsageError
+
+    try:
+        return fn()
+    except RuntimeError as e:
+        if "does not exist" in str(e) or "not found" in str(e).lower():
+            raise UsageError(f"no job {job_id} on this cluster", hint="`launch status` lists the jobs") from None
+        raise
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _echo(obj, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps(obj, indent=1))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(obj, sort_keys=False))
+
+
+COMMANDS = {"run", "validate", "schema", "up", "down", "status", "logs", "cancel"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    # `launch RUN.yaml ...` and `launch --cluster prod RUN.yaml` mean `launch run ...`.
+    if argv and not any(a in COMMANDS for a in argv) and not set(argv) & {"--help", "-h"}:
+        argv.insert(0, "run")
+    try:
+        app(args=argv, standalone_mode=False, prog_name="launch")
+    except Interrupted as e:
+        _say(f"\ndetached from job {e.job_id}; it keeps running.")
+        for h in e.hints:
+            _say(f"  {h}")
+        sys.exit(e.exit_code)
+    except LaunchError as e:
+        if debug:
+            raise
+        _say(f"error: {e.message}")
+        if e.hint:
+            _say(f"hint: {e.hint}")
+        sys.exit(e.exit_code)
+    except Exception as e:
+        from click.exceptions import Abort, ClickException
+
+        from cluster import ProviderError
+        from trainers.storage import StorageError
+
+        if isinstance(e, ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        if isinstance(e, ProviderError):
+            _say(f"error: {e}")
+            if e.hint:
+                _say(f"hint: {e.hint}")
+            sys.exit(3)
+        if isinstance(e, StorageError):
+            _say(f"error: {e}")
+            sys.exit(2)
+        raise

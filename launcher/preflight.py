@@ -1,0 +1,82 @@
+"""Checks run before anything is provisioned: what would otherwise fail minutes later,
+on the cluster. Each raises a typed error that names the field or file and what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from cluster import ClusterStatus
+from launcher.errors import SpecError, SpecIssue, StorageError, UsageError
+from trainers import storage
+from trainers.ds_config import DeepSpeedConfigError, deepspeed_config
+from trainers.spec import AnyRun, ZeroSpec
+
+
+def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False) -> dict:
+    """Offline checks (used by `launch validate`): the DeepSpeed config resolves from the
+    spec and the local files it names exist. Returns the resolved DeepSpeed config."""
+    issues: list[SpecIssue] = []
+    ds_cfg: dict = {}
+    try:
+        ds_cfg = deepspeed_config(spec, use_gpu=use_gpu)
+    except DeepSpeedConfigError as e:
+        field = "train.deepspeed" if isinstance(spec.train.deepspeed, ZeroSpec) else f"train.deepspeed ({e.source})"
+        issues += [SpecIssue(f"{field}: {key}", msg) for key, msg in e.problems]
+    for split in ("train", "eval"):
+        for i, ds in enumerate(getattr(spec.data, split)):
+            if _looks_local(ds.path) and not os.path.exists(ds.path):
+                issues.append(SpecIssue(f"data.{split}[{i}].path", "no such file or directory", ds.path))
+    if _looks_local(spec.model.path) and not os.path.exists(spec.model.path):
+        issues.append(SpecIssue("model.path", "no such directory", spec.model.path))
+    if issues:
+        raise SpecError(source, issues)
+    return ds_cfg
+
+
+def _looks_local(path: str) -> bool:
+    """Absolute, home-relative or explicitly relative paths; `org/name` may be a hub id."""
+    return "://" not in path and (path.startswith(("/", "~", "./", "../")) or path.endswith((".json", ".jsonl", ".parquet")))
+
+
+def check_deepspeed_rules(spec: AnyRun, ds_cfg: dict, source: str) -> None:
+    """A user's DeepSpeed JSON, checked by DeepSpeed itself (in a subprocess: the CLI does
+    not import deepspeed). Skipped when deepspeed is not installed on this machine."""
+    if isinstance(spec.train.deepspeed, ZeroSpec):
+        return  # built by us from the shorthand
+    proc = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True)
+    if proc.returncode != 0:
+        return
+    proc = subprocess.run([sys.executable, "-m", "trainers.ds_check"], input=json.dumps(ds_cfg),
+                          capture_output=True, text=True)
+    if proc.returncode == 2:
+        raise SpecError(source, [SpecIssue(f"train.deepspeed ({spec.train.deepspeed})",
+                                           "DeepSpeed rejects this config: " + proc.stdout.strip())])
+
+
+def check_storage(spec: AnyRun) -> None:
+    """The run's storage is reachable and writable with the credentials the job will have."""
+    target = storage.join(spec.checkpoint.storage, spec.name)
+    try:
+        storage.check_writable(target)
+    except storage.StorageError as e:
+        raise StorageError(f"checkpoint.storage: {e}", hint=getattr(e, "hint", None)) from None
+
+
+def check_resources(spec: AnyRun, status: ClusterStatus) -> None:
+    """The workers fit the cluster (a run that cannot be placed would wait forever)."""
+    r = spec.resources
+    have_cpu, have_gpu = status.resources.get("CPU", 0), status.resources.get("GPU", 0)
+    gpus = r.gpus_per_worker if r.gpus_per_worker != "auto" else (1 if have_gpu else 0)
+    problems = []
+    if r.workers * r.cpus_per_worker > have_cpu:
+        problems.append(f"resources: {r.workers} workers x {r.cpus_per_worker} CPUs need "
+                        f"{r.workers * r.cpus_per_worker:g} CPUs; cluster {status.name} has {have_cpu:g}")
+    if r.workers * gpus > have_gpu:
+        problems.append(f"resources: {r.workers} workers x {gpus} GPUs need {r.workers * gpus} GPUs; "
+                        f"cluster {status.name} has {have_gpu:g}")
+    if problems:
+        raise UsageError("; ".join(problems), hint="lower resources.workers / cpus_per_worker / "
+                                                   "gpus_per_worker, or choose a bigger --cluster")

@@ -1,0 +1,116 @@
+"""Submit a run as a Ray job through the Ray Jobs API and follow it.
+
+The Jobs API is the only way into a cluster, local or remote. Following a job tails its
+logs and watches its status at the same time, returning as soon as the job is terminal
+(tailing alone lingers for seconds after the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets as _secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import trainers
+from launcher.errors import UsageError
+from trainers.entry import RUN_ID_ENV, SPEC_ENV
+from trainers.spec import AnyRun
+
+# Variables a local cluster passes through from the launcher's environment: storage
+# endpoints and credentials, and the Hugging Face hub settings. Values are never printed.
+LOCAL_PASSTHROUGH_PREFIXES = ("AWS_", "HF_", "HUGGING_FACE_")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + _secrets.token_hex(2)
+
+
+def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
+    env = dict(spec.env)
+    if local:
+        env.update({k: v for k, v in os.environ.items() if k.startswith(LOCAL_PASSTHROUGH_PREFIXES)})
+    missing = [name for name in spec.secrets if name not in os.environ]
+    if missing:
+        raise UsageError(f"secrets: {', '.join(missing)} not set in this environment",
+                         hint="on --cluster local, secrets are read from the launcher's environment")
+    env.update({name: os.environ[name] for name in spec.secrets})
+    env[SPEC_ENV] = json.dumps(spec.model_dump(mode="json"))
+    env[RUN_ID_ENV] = run_id
+    # Ray Train's controller polls workers at this interval; the 2 s default adds idle
+    # seconds to every run's start and end.
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Ray Train v2 sends every worker print() to its logger as well: each line twice.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # tqdm bars from Ray Data are unreadable once interleaved in a log stream.
+    env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    return env
+
+
+def submit(address: str, spec: AnyRun, run_id: str, *, local: bool) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    # The trainers package travels with the job, so workers run the launcher's version
+    # of the training code whatever the cluster image holds.
+    runtime_env = {"env_vars": job_env(spec, run_id, local=local),
+                   "py_modules": [str(Path(trainers.__file__).parent)]}
+    return client.submit_job(
+        entrypoint="python -m trainers.entry",
+        submission_id=f"{spec.name}-{run_id}",
+        runtime_env=runtime_env,
+        metadata={"llmlaunch.name": spec.name, "llmlaunch.run_id": run_id, "llmlaunch.method": spec.method},
+        entrypoint_num_cpus=0,
+    )
+
+
+@dataclass
+class JobEnd:
+    status: str
+    message: str
+
+
+def follow(address: str, job_id: str, on_text: Callable[[str], None], poll_s: float = 0.5) -> JobEnd:
+    """Stream the job's log text to `on_text` until the job is terminal."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    printed = 0
+
+    async def tail() -> None:
+        nonlocal printed
+        async for chunk in client.tail_job_logs(job_id):
+            printed += len(chunk)
+            on_text(chunk)
+
+    async def watch() -> str:
+        while True:
+            status = str((await asyncio.to_thread(client.get_job_status, job_id)).value)
+            if status in TERMINAL:
+                return status
+            await asyncio.sleep(poll_s)
+
+    async def run() -> str:
+        tail_task = asyncio.create_task(tail())
+        try:
+            return await watch()
+        finally:
+            tail_task.cancel()
+            try:
+                await tail_task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    status = asyncio.run(run())
+    # Whatever the tail had not delivered when the job ended.
+    rest = client.get_job_logs(job_id)[printed:]
+    if rest:
+        on_text(rest)
+    info = client.get_job_info(job_id)
+    return JobEnd(status=status, message=info.message or "")
