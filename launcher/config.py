@@ -120,8 +120,8 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Sf
         spec = parse_spec(data)
     except ValidationError as e:
         raise SpecError(str(path), issues_from_validation_error(e, RunSpec)) from None
-    if "://" not in spec.checkpoint.storage:  # the default too: `~` must be this user's home
-        spec.checkpoint.storage = os.path.abspath(os.path.expanduser(spec.checkpoint.storage))
+    if not spec.checkpoint.storage:
+        spec.checkpoint.storage = str(Path(os.environ.get("LLMLAUNCH_HOME", "~/.cache/llmlaunch")).expanduser() / "runs")
     return spec
 
 

@@ -28,6 +28,8 @@ def main() -> int:
 
     spec = parse_spec(json.loads(os.environ[SPEC_ENV]))
     run_id = os.environ[RUN_ID_ENV]
+    if not spec.checkpoint.storage:
+        raise SystemExit("checkpoint.storage is empty: submit runs with `launch`, which fills the default")
     run = checkpoint.run_uri(spec.checkpoint.storage, spec.name, run_id)
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
     print(f"run {spec.name}/{run_id} -> {run}", flush=True)

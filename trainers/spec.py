@@ -154,9 +154,10 @@ class ResourcesSpec(Strict):
 
 
 class CheckpointSpec(Strict):
-    storage: str = "~/.cache/llmlaunch/runs"
+    storage: str = ""
     """Where runs are written: `s3://bucket/prefix` (any S3-compatible store via
-    `AWS_ENDPOINT_URL`) or a local directory. Layout: `<storage>/<name>/<run-id>/`."""
+    `AWS_ENDPOINT_URL`) or a local directory. Layout: `<storage>/<name>/<run-id>/`.
+    Default: `$LLMLAUNCH_HOME/runs` (`~/.cache/llmlaunch/runs`) on the launcher's machine."""
     every_n_steps: int = Field(100, ge=0)
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
     keep: int = Field(2, gt=0)

@@ -235,7 +235,8 @@ def _diagnose(uri: str, error: BaseException, action: str) -> StorageError:
         if isinstance(error, PermissionError):
             return StorageError(uri, f"{action}: permission denied ({text})",
                                 "choose a directory this user can write to")
-        return StorageError(uri, f"{action}: {text}")
+        return StorageError(uri, f"{action}: {text}",
+                            "use a local directory this user can create and write, or s3://")
     bucket, _ = _s3_bucket_key(uri)
     endpoint = _describe_endpoint()
     upper = text.upper()
@@ -317,19 +318,42 @@ def read_text(uri: str) -> str | None:
             return None
 
 
+# On S3 a "directory" is a key prefix with objects under it. Delimited listings (pyarrow's
+# non-recursive FileSelector and its directory test in get_file_info) are not trusted there:
+# SeaweedFS derives common prefixes from its directory tree and keeps reporting a deleted
+# prefix until its empty-folder cleaner runs (~2.5 min here). Flat listings are exact, so
+# S3 directories are judged by the files found under them.
+
+
+def _s3_files_under(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Paths of the files (not markers) under the S3 prefix `path`, relative to it."""
+    base = path.rstrip("/") + "/"
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    return [i.path[len(base):] for i in infos
+            if i.type == pafs.FileType.File and i.path.startswith(base)]
+
+
 def exists(uri: str) -> bool:
-    """Whether a file or a non-empty directory (prefix) exists at `uri`."""
+    """Whether a file or a directory exists at `uri`. On S3 a directory exists when some
+    file lies under it (S3 has no empty directories); locally an empty one counts."""
     fs, path = filesystem(uri)
     with _errors(uri, "checking"):
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        kind = fs.get_file_info(path).type
+        if kind != pafs.FileType.Directory or _is_local(fs):
+            return kind != pafs.FileType.NotFound
+        return bool(_s3_files_under(fs, path))
 
 
 def list_dir(uri: str) -> list[str]:
-    """Sorted base names of the direct children of `uri`; [] if it does not exist."""
+    """Sorted base names of the direct children of `uri`; [] if it does not exist. On S3
+    a child directory is listed when some file lies under it; this lists the whole subtree
+    (one request per 1,000 objects), so point it at small prefixes."""
     fs, path = filesystem(uri)
     with _errors(uri, "listing"):
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted({info.base_name for info in infos if info.base_name})
+        if _is_local(fs):
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            return sorted(info.base_name for info in infos)
+        return sorted({rel.split("/", 1)[0] for rel in _s3_files_under(fs, path)})
 
 
 def delete(uri: str) -> None:
@@ -367,7 +391,8 @@ def download_dir(uri: str, local_dir: str) -> None:
     fs, path = filesystem(uri)
     dest = os.path.abspath(os.path.expanduser(local_dir))
     with _errors(uri, "downloading"):
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
+        kind = fs.get_file_info(path).type
+        if kind != pafs.FileType.Directory or not (_is_local(fs) or _s3_files_under(fs, path)):
             raise StorageError(uri, "no directory there to download")
         os.makedirs(dest, exist_ok=True)
         pafs.copy_files(path, dest, source_filesystem=fs,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -149,3 +151,31 @@ def test_local_check_writable_read_only(tmp_path):
             storage.check_writable(str(ro / "runs"))
     finally:
         ro.chmod(0o700)
+
+
+def test_local_check_writable_under_a_file(tmp_path):
+    (tmp_path / "plain-file").write_text("x")
+    with pytest.raises(StorageError) as info:
+        storage.check_writable(str(tmp_path / "plain-file" / "runs"))
+    assert "plain-file" in str(info.value)
+
+
+def test_delete_bucket_root_empties_but_keeps_bucket(s3_env, s3_server):
+    bucket_uri = s3_env.rsplit("/", 1)[0]
+    storage.write_text(join(bucket_uri, "a", "x.txt"), "x")
+    storage.write_text(join(bucket_uri, "top.txt"), "y")
+    storage.delete(bucket_uri)
+    assert storage.list_dir(bucket_uri) == []
+    storage.check_writable(bucket_uri)  # the bucket is still there
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` (iproute2)")
+def test_seaweedfs_listens_on_loopback_only(s3_server):
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    mine = [line.split() for line in out.splitlines() if f"pid={s3_server.pid}," in line]
+    local_addresses = {fields[3] for fields in mine}
+    assert local_addresses, out
+    assert all(addr.startswith("127.0.0.1:") for addr in local_addresses), local_addresses
+    ports = {int(addr.rsplit(":", 1)[1]) for addr in local_addresses}
+    assert s3_server.ports["s3"] in ports
+    assert not ports & set(range(10002, 20000)), "clashes with Ray's default worker ports"

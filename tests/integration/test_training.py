@@ -1,0 +1,181 @@
+"""End to end through real Ray, real DeepSpeed (gloo, 2 CPU workers) and a real S3 server:
+full fine-tuning with ZeRO-2 and ZeRO-3, LoRA, continued pre-training, resume after an
+interruption, and the exported models."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from tests.integration.conftest import REPO, output
+from trainers import checkpoint, storage
+
+pytestmark = pytest.mark.integration
+QUICKSTART = "configs/examples/quickstart.yaml"
+BASE_MODEL = REPO / "configs/examples/tiny-llama"
+
+
+def run_dir(proc) -> str:
+    return re.search(r"run directory (\S+)", output(proc)).group(1)
+
+
+def train_metrics(run: str) -> list[dict]:
+    rows = [json.loads(line) for line in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    return [m for m in rows if "loss" in m]
+
+
+def download(uri: str, dest) -> str:
+    storage.download_dir(uri, str(dest))
+    return str(dest)
+
+
+def assert_ok(proc) -> None:
+    assert proc.returncode == 0, output(proc)[-4000:]
+
+
+def load_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def assert_generates(model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_full_finetune_zero2_checkpoints_to_s3_and_exports(launch, s3_env, tmp_path):
+    proc = launch(QUICKSTART, f"checkpoint.storage={s3_env}", "name=ft-zero2", "train.max_steps=15",
+                  "checkpoint.every_n_steps=5", "checkpoint.keep=2")
+    assert_ok(proc)
+    run = run_dir(proc)
+    assert run.startswith(s3_env)
+    assert "packing efficiency" in output(proc)
+
+    losses = [m["loss"] for m in train_metrics(run)]
+    assert len(losses) == 15
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    # keep=2: the step-5 checkpoint was deleted once two newer ones were complete
+    kept = [c.rsplit("/", 1)[1] for c in checkpoint.complete_checkpoints(run)]
+    assert kept == ["step_00000010", "step_00000015"]
+    result = json.loads(storage.read_text(storage.join(run, "result.json")))
+    assert result["status"] == "completed" and result["total_steps"] == 15
+
+    model_dir = download(storage.join(run, "model"), tmp_path / "model")
+    trained, base = load_model(model_dir), load_model(BASE_MODEL)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert len(changed) == len(base.state_dict())  # every weight was trained
+    assert_generates(model_dir)
+
+
+def test_zero3_with_deepspeed_json_exports_the_gathered_weights(launch, s3_env, tmp_path):
+    """alpaca format, packing off, a real DeepSpeed JSON with "auto" values, ZeRO-3."""
+    proc = launch("configs/examples/alpaca_zero3.yaml", f"checkpoint.storage={s3_env}", "train.max_steps=10")
+    assert_ok(proc)
+    run = run_dir(proc)
+    assert "ZeRO stage 3" in output(proc)
+    losses = [m["loss"] for m in train_metrics(run)]
+    assert losses[-1] < losses[0]
+
+    # The exported weights are the ZeRO-3 partitions gathered: the same as DeepSpeed's own
+    # offline consolidation of the final checkpoint.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    final = checkpoint.complete_checkpoints(run)[-1]
+    ckpt_dir = download(final, tmp_path / "ckpt")
+    reference = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=final.rsplit("/", 1)[1])
+    exported = load_model(download(storage.join(run, "model"), tmp_path / "model")).state_dict()
+    assert set(reference) <= set(exported)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(exported[name], tensor, msg=name)
+    assert_generates(tmp_path / "model")
+
+
+def test_lora_exports_adapter_and_merged_model(launch, s3_env, tmp_path):
+    from peft import PeftModel
+
+    proc = launch("configs/examples/lora.yaml", f"checkpoint.storage={s3_env}", "train.max_steps=10")
+    assert_ok(proc)
+    run = run_dir(proc)
+    assert re.search(r"model: [\d,]+ parameters, [\d,]+ trainable", output(proc))
+    losses = [m["loss"] for m in train_metrics(run)]
+    assert losses[-1] < losses[0]
+
+    adapter_dir = download(storage.join(run, "adapter"), tmp_path / "adapter")
+    merged_dir = download(storage.join(run, "model"), tmp_path / "model")
+    peft_model = PeftModel.from_pretrained(load_model(BASE_MODEL), adapter_dir).eval()
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (B starts at zero)
+
+    merged = load_model(merged_dir).eval()
+    ids = torch.randint(10, 500, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(merged(ids).logits, load_model(BASE_MODEL)(ids).logits)
+    assert_generates(merged_dir)
+
+
+def test_pretrain_on_local_storage_with_eval(launch, tmp_path):
+    storage_dir = tmp_path / "runs"
+    proc = launch("configs/examples/pretrain.yaml", f"checkpoint.storage={storage_dir}", "train.max_steps=10")
+    assert_ok(proc)
+    run = run_dir(proc)
+    assert run.startswith(str(storage_dir))
+    rows = [json.loads(line) for line in (storage_dir / "pretrain-text").glob("*/metrics.jsonl").__next__().read_text().splitlines()]
+    assert any("eval_loss" in m for m in rows)
+    assert_generates(download(storage.join(run, "model"), tmp_path / "model"))
+
+
+def test_interrupted_run_resumes_from_its_last_complete_checkpoint(launch, s3_env):
+    args = [QUICKSTART, f"checkpoint.storage={s3_env}", "name=resume", "train.max_steps=40",
+            "checkpoint.every_n_steps=10", "checkpoint.keep=5"]
+    first = launch(*args, "--detach")
+    assert_ok(first)
+    job = re.search(r"submitted job (\S+);", output(first)).group(1)
+    run1 = run_dir(first)
+    deadline = time.monotonic() + 300
+    while not checkpoint.complete_checkpoints(run1):
+        assert time.monotonic() < deadline, "no complete checkpoint within 300 s"
+        time.sleep(0.5)
+    assert_ok(launch("cancel", job))
+    _wait_terminal(launch, job)
+    assert not storage.exists(storage.join(run1, "result.json"))
+    saved = [int(c.rsplit("_", 1)[1]) for c in checkpoint.complete_checkpoints(run1)]
+    assert saved and max(saved) < 40
+
+    second = launch(*args)  # the same command again
+    assert_ok(second)
+    resumed_at = int(re.search(r"resuming from \S+ \(step (\d+)\)", output(second)).group(1))
+    assert resumed_at == max(saved)
+    assert f"starting at step {resumed_at}/40" in output(second)
+
+    run2 = run_dir(second)
+    metrics = train_metrics(run2)
+    assert [m["step"] for m in metrics] == list(range(1, 41))  # history carried, no step repeated
+    first_run = {m["step"]: m["loss"] for m in train_metrics(run1)}
+    # the loss continues where it stopped rather than starting over from the random init
+    after = metrics[resumed_at]["loss"]
+    assert after < 0.8 * first_run[1]
+    assert abs(after - first_run[resumed_at]) < 0.25 * first_run[resumed_at]
+
+
+def _wait_terminal(launch, job: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        jobs = json.loads(launch("status", "--json").stdout)["jobs"]
+        if any(j["job"] == job and j["status"] in ("STOPPED", "FAILED", "SUCCEEDED") for j in jobs):
+            return
+        time.sleep(1)
+    raise AssertionError(f"job {job} still running after {timeout_s}s")
