@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -49,7 +50,8 @@ def render(definition: LocalCluster) -> list[str]:
 
 
 _PORT_FLAGS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-               "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+               "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+               "ray-client-server-port")
 
 
 def _command(d: LocalCluster, ports: dict[str, int]) -> list[str]:
@@ -90,15 +92,39 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _token_file() -> Path:
+    return home() / "auth_token"
+
+
+def use_token() -> None:
+    """Authenticate this process's Ray clients to the local head.
+
+    Ray 2.60 heads require a token (`RAY_AUTH_MODE=token`). Ours lives in the state dir,
+    readable by this user only, so other users of a shared machine cannot submit jobs to
+    it even though the dashboard listens on loopback."""
+    token = _token_file()
+    if not token.exists():
+        home().mkdir(parents=True, exist_ok=True)
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
 def _answers(url: str) -> bool:
+    request = urllib.request.Request(f"{url}/api/version",
+                                     headers={"Authorization": f"Bearer {_token_file().read_text().strip()}"})
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+        with urllib.request.urlopen(request, timeout=2) as r:
             return r.status == 200
     except OSError:
         return False
 
 
 def address(definition: LocalCluster | None = None) -> str | None:
+    use_token()
     state = _read_state()
     if state and _alive(state["pid"]) and _answers(state["address"]):
         return state["address"]
@@ -114,7 +140,7 @@ def up(definition: LocalCluster | None = None, on_progress=print) -> str:
     ports = {flag: _free_port() for flag in _PORT_FLAGS}
     url = f"http://{HOST}:{ports['dashboard-port']}"
     log_path = home() / "head.log"
-    env = dict(os.environ)
+    env = dict(os.environ)  # carries RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH (set by address())
     # Measured: without this, Ray on Linux binds the machine's address and all interfaces.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     on_progress(f"starting a local Ray head on {HOST} (log: {log_path})")
@@ -127,7 +153,8 @@ def up(definition: LocalCluster | None = None, on_progress=print) -> str:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
-        if _answers(url):
+        # The dashboard answers a moment before the head node has registered its resources.
+        if _answers(url) and status(definition).resources.get("CPU"):
             on_progress(f"local Ray head ready: {url}")
             return url
         time.sleep(0.5)

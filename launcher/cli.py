@@ -278,3 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             _say(f"error: {e}")
             sys.exit(2)
         raise
+
+
+if __name__ == "__main__":
+    main()

@@ -57,22 +57,22 @@ class JobOutput:
                 event = json.loads(line.split(MARKER, 1)[1])
             except json.JSONDecodeError:
                 event = None
-            if event is not None:
+            if isinstance(event, dict) and "step" in event and ("loss" in event or "eval_loss" in event):
                 self.events.append(event)
                 return self._progress(event)
         if self.json_mode:
             print(json.dumps({"event": "log", "line": line}), flush=True)
         elif self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False)
+            self.progress.console.print(line, markup=False, highlight=False, emoji=False)
         else:
-            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
     def _progress(self, event: dict[str, Any]) -> None:
         if self.json_mode:
             print(json.dumps({"event": "progress", **event}), flush=True)
             return
         if not self.tty:
-            self.console.print(describe(event), markup=False, highlight=False)
+            self.console.print(describe(event), markup=False, highlight=False, emoji=False)
             return
         if "eval_loss" in event:
             target = self.progress.console if self.progress else self.console

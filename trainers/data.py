@@ -46,9 +46,15 @@ def tokenize_example(row: dict[str, Any], ds: DatasetSpec, tok) -> tuple[list[in
 def _tokenize_chat(messages: list[dict[str, str]], tok) -> tuple[list[int], list[int]]:
     """Render with the tokenizer's chat template; loss only on assistant turns.
 
-    Each turn is tokenized as the text the template adds for it, so the masks line up
-    with the ids exactly; the assistant header (the generation prompt) stays masked."""
+    Templates that mark assistant output with `{% generation %}` say exactly which tokens
+    to train (Hugging Face's assistant mask). Otherwise each turn is tokenized as the text
+    the template adds for it, so the mask lines up with the ids; the assistant header (the
+    generation prompt) stays masked, everything else the template adds to the turn trains."""
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if "{% generation %}" in (tok.chat_template or "") or "{%- generation %}" in (tok.chat_template or ""):
+        out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(out["input_ids"])
+        return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
     ids: list[int] = []
     labels: list[int] = []
     rendered = ""

@@ -134,21 +134,21 @@ def _local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _endpoint() -> str | None:
+def _endpoint_var() -> tuple[str, str] | None:
+    """(variable name, value) of the S3 endpoint setting, if any."""
     for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         value = os.environ.get(var, "").strip()
         if value:
-            return value
+            return var, value
     return None
 
 
 def _describe_endpoint() -> str:
-    endpoint = _endpoint()
-    if endpoint is None:
+    setting = _endpoint_var()
+    if setting is None:
         return f"AWS S3 (region {_region()})"
-    parts = urlsplit(endpoint)
     # Never echo userinfo someone may have put in the URL.
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+    return re.sub(r"//[^/@]*@", "//", setting[1])
 
 
 def _region() -> str:
@@ -168,20 +168,26 @@ def _s3_options(uri: str, *, probe: bool = False) -> dict:
             max_attempts=_PROBE_MAX_ATTEMPTS if probe else _IO_MAX_ATTEMPTS
         ),
     }
-    endpoint = _endpoint()
-    if endpoint is not None:
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+    setting = _endpoint_var()
+    if setting is not None:
+        var, endpoint = setting
+        try:
+            parts = urlsplit(endpoint)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise StorageError(
                 uri,
-                f"AWS_ENDPOINT_URL must look like http(s)://host[:port], got {_describe_endpoint()!r}",
-                "e.g. AWS_ENDPOINT_URL=http://127.0.0.1:8333 for a local SeaweedFS or MinIO",
+                f"{var} must look like http(s)://host[:port], got {_describe_endpoint()!r}",
+                f"e.g. {var}=http://127.0.0.1:8333 for a local SeaweedFS or MinIO; "
+                "unset it for AWS S3",
             )
         if parts.path not in ("", "/"):
-            raise StorageError(uri, f"AWS_ENDPOINT_URL has a path ({parts.path!r})",
+            raise StorageError(uri, f"{var} has a path ({parts.path!r})",
                                "give only scheme, host and port")
         host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        options["endpoint_override"] = host + (f":{parts.port}" if parts.port else "")
+        options["endpoint_override"] = host + (f":{port}" if port else "")
         options["scheme"] = parts.scheme
     key_id = os.environ.get("AWS_ACCESS_KEY_ID", "").strip()
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "").strip()
@@ -258,7 +264,8 @@ def _diagnose(uri: str, error: BaseException, action: str) -> StorageError:
                                 "COULD NOT RESOLVE", "TIMED OUT", "TIMEOUT")):
         return StorageError(
             uri, f"{action}: cannot reach the S3 endpoint {endpoint} ({text})",
-            "start the server or fix AWS_ENDPOINT_URL (http(s)://host:port; unset it for AWS), "
+            "start the server or fix AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (http(s)://host:port; "
+            "unset both for AWS), "
             "and check the network from this machine",
         )
     if "CREDENTIAL" in upper:
@@ -362,13 +369,16 @@ def delete(uri: str) -> None:
     fs, path = filesystem(uri)
     with _errors(uri, "deleting"):
         kind = fs.get_file_info(path).type
-        if kind == pafs.FileType.File:
-            fs.delete_file(path)
-        elif kind == pafs.FileType.Directory:
-            if not _is_local(fs) and "/" not in path:
-                fs.delete_dir_contents(path, missing_dir_ok=True)
-            else:
-                fs.delete_dir(path)
+        try:
+            if kind == pafs.FileType.File:
+                fs.delete_file(path)
+            elif kind == pafs.FileType.Directory:
+                if not _is_local(fs) and "/" not in path:
+                    fs.delete_dir_contents(path, missing_dir_ok=True)
+                else:
+                    fs.delete_dir(path)
+        except FileNotFoundError:
+            pass  # deleted meanwhile, or a SeaweedFS prefix that only looks alive
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
@@ -385,9 +395,10 @@ def upload_dir(local_dir: str, uri: str) -> None:
                         destination_filesystem=fs)
 
 
-def download_dir(uri: str, local_dir: str) -> None:
+def download_dir(uri: str, local_dir: str, skip_suffixes: tuple[str, ...] = ()) -> None:
     """Copy the directory tree at `uri` into the local directory `local_dir` (created if
-    needed; files already there and not at `uri` are kept)."""
+    needed; files already there and not at `uri` are kept). Files whose names end with one
+    of `skip_suffixes` are left out (e.g. weights, when only a tokenizer is needed)."""
     fs, path = filesystem(uri)
     dest = os.path.abspath(os.path.expanduser(local_dir))
     with _errors(uri, "downloading"):
@@ -395,8 +406,16 @@ def download_dir(uri: str, local_dir: str) -> None:
         if kind != pafs.FileType.Directory or not (_is_local(fs) or _s3_files_under(fs, path)):
             raise StorageError(uri, "no directory there to download")
         os.makedirs(dest, exist_ok=True)
-        pafs.copy_files(path, dest, source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        if not skip_suffixes:
+            pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            return
+        local = pafs.LocalFileSystem()
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            if info.type != pafs.FileType.File or info.path.endswith(skip_suffixes):
+                continue
+            target = os.path.join(dest, info.path[len(path):].lstrip("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            pafs.copy_files(info.path, target, source_filesystem=fs, destination_filesystem=local)
 
 
 def check_writable(uri: str) -> None:

@@ -77,7 +77,10 @@ def test_upload_and_download_dir(root, tmp_path):
 
     storage.delete(model)
     assert not storage.exists(join(model, "config.json"))
+    assert not storage.exists(model)  # SeaweedFS still lists its prefix for minutes
     assert storage.list_dir(model) == []
+    assert storage.list_dir(join(root, "run-1")) == []
+    storage.delete(model)  # gone (or a SeaweedFS phantom prefix): no error
     with pytest.raises(StorageError, match="no directory"):
         storage.download_dir(model, str(tmp_path / "dest2"))
 

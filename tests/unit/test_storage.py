@@ -45,6 +45,16 @@ def test_filesystem_s3_strips_scheme_for_ray():
     assert filesystem("s3://bucket")[1] == "bucket"
 
 
+def test_s3_filesystem_pickles_for_ray_workers(monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    fs, _ = filesystem("s3://bucket/p")
+    assert pickle.loads(pickle.dumps(fs)) == fs
+
+
 @pytest.mark.parametrize("uri", ["/tmp/a/b", "file:///tmp/a/b", "file://localhost/tmp/a/b", "/tmp/a//b/"])
 def test_filesystem_local_absolute(uri):
     fs, path = filesystem(uri)
@@ -97,11 +107,19 @@ def test_s3_options_without_endpoint_means_aws(monkeypatch):
     assert "endpoint_override" not in opts and "scheme" not in opts
 
 
-@pytest.mark.parametrize("endpoint", ["127.0.0.1:8333", "ftp://host:1", "http://host:1/path"])
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:8333", "ftp://host:1", "http://host:1/path", "http://host:notaport"])
 def test_bad_endpoint_is_a_storage_error(monkeypatch, endpoint):
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     with pytest.raises(StorageError, match="AWS_ENDPOINT_URL"):
         filesystem("s3://b/p")
+
+
+def test_bad_endpoint_error_names_the_variable_and_hides_userinfo(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "ftp://user:pw-in-url@host:1")
+    with pytest.raises(StorageError) as info:
+        filesystem("s3://b/p")
+    assert "AWS_ENDPOINT_URL_S3" in str(info.value)
+    assert "pw-in-url" not in str(info.value)
 
 
 def test_half_credentials_is_a_storage_error(monkeypatch):
