@@ -366,11 +366,12 @@ def report(results: dict[str, Any]) -> str:
         f"data: {info['packed_rows']} packed rows x {info['copies_of_data']} copies = {info['rows_used']} rows, "
         f"{info['steps_per_epoch']} steps per Ray Data epoch ({info['epochs_in_run']} epochs in the run)",
         "",
-        f"{'repeat':>6}  {'order':<14} {'torchrun tok/s':>14} {'ray tok/s':>10} {'ray/torchrun':>12}",
+        f"{'repeat':>6}  {'order':<14} {'torchrun tok/s':>14} {'ray tok/s':>10} {'ray/torchrun':>12}"
+        f"  load after (1 min; before: {results['load_1min_before']:.2f})",
     ]
     for r in reps:
         lines.append(f"{r['repeat']:>6}  {r['order']:<14} {r['torchrun']['tokens_per_s']:>14,.0f} "
-                     f"{r['ray']['tokens_per_s']:>10,.0f} {r['ratio']:>12.3f}")
+                     f"{r['ray']['tokens_per_s']:>10,.0f} {r['ratio']:>12.3f}  {r['load_1min_after']:.2f}")
     lines += [f"median ray/torchrun tokens/s: {results['median_ratio']:.3f}  "
               f"(Ray {1 / results['median_ratio']:.2f}x the time per step)", ""]
     lines.append("fixed cost = wall time of the whole command - timed steady state (s), medians:")
@@ -385,7 +386,8 @@ def report(results: dict[str, Any]) -> str:
                   for k in ("ray_init_s", "dataset_s", "fit_s", "shutdown_s")}
     lines.append("ray phases (s): " + ", ".join(f"{k[:-2]} {v:.1f}" for k, v in ray_phases.items()))
     lines.append(f"torch threads per worker: torchrun {reps[0]['torchrun']['torch_threads']}, "
-                 f"ray {reps[0]['ray']['torch_threads']}")
+                 f"ray {reps[0]['ray']['torch_threads']}; {results['cpus']} CPUs")
+    lines.append(f"versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
     return "\n".join(lines)
 
 
@@ -422,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         prep = prepare(args, tmp)
         log(f"prepared model, DeepSpeed config and {prep['info']['rows_used']} rows in {time.time() - t:.1f}s")
         reps = []
+        load_before = os.getloadavg()[0]
+        if load_before > 0.5 * (os.cpu_count() or 1):
+            log(f"warning: 1-min load average is {load_before:.1f} on {os.cpu_count()} CPUs before starting: "
+                "something else is running and the figures will be noisy")
         for i in range(args.repeats):
             order = ("torchrun", "ray") if i % 2 == 0 else ("ray", "torchrun")
             rep: dict[str, Any] = {"repeat": i + 1, "order": ",".join(order)}
@@ -432,8 +438,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  {name}: {rep[name]['tokens_per_s']:,.0f} tokens/s over {rep[name]['steady_s']:.1f}s, "
                     f"wall {rep[name]['wall_s']:.1f}s")
             rep["ratio"] = rep["ray"]["tokens_per_s"] / rep["torchrun"]["tokens_per_s"]
+            rep["load_1min_after"] = os.getloadavg()[0]
             reps.append(rep)
-        results = {"info": prep["info"], "versions": _versions(), "cpus": os.cpu_count(), "repeats": reps,
+        results = {"info": prep["info"], "versions": _versions(), "cpus": os.cpu_count(),
+                   "load_1min_before": load_before, "repeats": reps,
                    "median_ratio": statistics.median(r["ratio"] for r in reps),
                    "fixed_s": {n: statistics.median(r[n]["fixed_s"] for r in reps) for n in ("torchrun", "ray")}}
         print(json.dumps(results, indent=1) if args.json else report(results), flush=True)

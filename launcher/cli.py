@@ -189,9 +189,9 @@ def logs(
 @app.command()
 def cancel(job_id: str = typer.Argument(..., metavar="JOB"), cluster: str = ClusterOpt) -> None:
     """Stop a running job; its complete checkpoints stay and `resume: auto` continues from them."""
+    address = _address(cluster)  # first: it sets up the cluster's credentials for Ray's clients
     from ray.job_submission import JobSubmissionClient
 
-    address = _address(cluster)
     stopped = _job_call(lambda: JobSubmissionClient(address).stop_job(job_id), job_id)
     _say(f"job {job_id}: stop requested" if stopped else f"job {job_id} was not running")
 

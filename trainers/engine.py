@@ -18,6 +18,16 @@ def quiet_workers() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def init_distributed() -> None:
+    """Make DeepSpeed adopt the process group Ray Train already created (gloo or nccl).
+
+    Must run before the model is built: ZeRO-3's partitioned construction
+    (deepspeed.zero.Init) reads the world size from DeepSpeed's communicator."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
 def build_engine(model, spec: AnyRun, ds_config: dict[str, Any], total_steps: int):
     import deepspeed
     import torch

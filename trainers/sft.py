@@ -13,7 +13,7 @@ from typing import Any
 
 from trainers import checkpoint, data, models
 from trainers.ds_config import deepspeed_config, precision
-from trainers.engine import build_engine, quiet_workers
+from trainers.engine import build_engine, init_distributed, quiet_workers
 from trainers.eval import evaluate
 from trainers.spec import parse_spec
 
@@ -39,6 +39,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dtype = precision(spec, use_gpu)
     hidden = _hidden_size(model_dir, spec.model.trust_remote_code)
     ds_config = deepspeed_config(spec, use_gpu=use_gpu, total_steps=total_steps, hidden_size=hidden)
+    init_distributed()
     model = models.load_model(spec, model_dir, dtype, ds_config)
     engine = build_engine(model, spec, ds_config, total_steps)
     trainable, total = models.parameter_counts(engine.module)
