@@ -116,6 +116,20 @@ def timed_steps(engine, batches: Iterator[tuple[int, list[dict[str, Any]]]], war
             "t_loop": t_loop, "t_start": t_start, "t_end": t_end}
 
 
+def tensor_batches(cfg: dict[str, Any], npz: Path, rank: int, world: int):
+    """(step, micro-batches) sliced out of this rank's contiguous share of pre-built rows."""
+    import torch
+
+    arrays = np.load(npz)
+    per_rank = len(arrays["input_ids"]) // world
+    local = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][rank * per_rank:(rank + 1) * per_rank]))
+             for k in ("input_ids", "labels", "attention_mask")}
+    mbs, gas, per_epoch = cfg["micro_batch_size"], cfg["grad_accum"], cfg["steps_per_epoch"]
+    for step in range(cfg["total_steps"]):
+        first = (step % per_epoch) * mbs * gas
+        yield step, [{k: t[first + j * mbs:first + (j + 1) * mbs] for k, t in local.items()} for j in range(gas)]
+
+
 # ---------------------------------------------------------------- (a) torchrun worker
 
 def torchrun_worker(workdir: str) -> None:
@@ -128,20 +142,9 @@ def torchrun_worker(workdir: str) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if use_gpu else "gloo")  # what Ray Train's torch backend does
     rank, world = dist.get_rank(), dist.get_world_size()
-    arrays = np.load(Path(workdir) / "data.npz")
-    per_rank = len(arrays["input_ids"]) // world
-    local = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][rank * per_rank:(rank + 1) * per_rank]))
-             for k in ("input_ids", "labels", "attention_mask")}
-    mbs, gas, per_epoch = cfg["micro_batch_size"], cfg["grad_accum"], cfg["steps_per_epoch"]
-
-    def batches():
-        for step in range(cfg["total_steps"]):
-            first = (step % per_epoch) * mbs * gas
-            yield step, [{k: t[first + j * mbs:first + (j + 1) * mbs] for k, t in local.items()}
-                         for j in range(gas)]
-
+    batches = tensor_batches(cfg, Path(workdir) / "data.npz", rank, world)
     engine = build(cfg)
-    result = timed_steps(engine, batches(), cfg["warmup"], cfg["steps"], use_gpu)
+    result = timed_steps(engine, batches, cfg["warmup"], cfg["steps"], use_gpu)
     if rank == 0:
         (Path(workdir) / "result.json").write_text(json.dumps(result))
     dist.barrier()
@@ -156,12 +159,16 @@ def ray_loop(cfg: dict[str, Any]) -> None:
     from trainers import data
 
     engine = build(cfg)
-    shard = ray.train.get_dataset_shard("train")
-    batches = data.micro_batches(shard, micro_batch_size=cfg["micro_batch_size"], grad_accum=cfg["grad_accum"],
-                                 start_step=0, total_steps=cfg["total_steps"],
-                                 steps_per_epoch=cfg["steps_per_epoch"])
+    ctx = ray.train.get_context()
+    if cfg.get("npz"):  # --ray-tensors: Ray Train without Ray Data, rows sliced as torchrun does
+        batches = tensor_batches(cfg, Path(cfg["npz"]), ctx.get_world_rank(), ctx.get_world_size())
+    else:
+        shard = ray.train.get_dataset_shard("train")
+        batches = data.micro_batches(shard, micro_batch_size=cfg["micro_batch_size"], grad_accum=cfg["grad_accum"],
+                                     start_step=0, total_steps=cfg["total_steps"],
+                                     steps_per_epoch=cfg["steps_per_epoch"])
     result = timed_steps(engine, batches, cfg["warmup"], cfg["steps"], cfg["use_gpu"])
-    if ray.train.get_context().get_world_rank() == 0:
+    if ctx.get_world_rank() == 0:
         Path(cfg["result_path"]).write_text(json.dumps(result))
 
 
@@ -278,16 +285,21 @@ def run_torchrun(prep: dict[str, Any], tmp: Path, idx: int, verbose: bool) -> di
     return _timings(json.loads((workdir / "result.json").read_text()), t0, t1, {})
 
 
-def run_ray(prep: dict[str, Any], tmp: Path, idx: int, verbose: bool) -> dict[str, Any]:
+def run_ray(prep: dict[str, Any], tmp: Path, idx: int, verbose: bool, tensors: bool = False) -> dict[str, Any]:
     import ray
     import ray.data
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ.update(RAY_ENV)
-    cfg = dict(prep["cfg"], result_path=str(tmp / f"ray-result-{idx}.json"))
+    for key, value in RAY_ENV.items():  # a value set in the shell wins, to try others
+        os.environ.setdefault(key, value)
+    name = "ray-tensors" if tensors else "ray"
+    cfg = dict(prep["cfg"], result_path=str(tmp / f"{name}-result-{idx}.json"))
     arrays = prep["arrays"]
+    if tensors:
+        cfg["npz"] = str(tmp / f"{name}-{idx}.npz")
+        np.savez(cfg["npz"], **arrays)
     temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     t0 = time.time()
     phases: dict[str, float] = {}
@@ -304,7 +316,7 @@ def run_ray(prep: dict[str, Any], tmp: Path, idx: int, verbose: bool) -> dict[st
         from ray.data.block import BlockAccessor
 
         bounds = np.linspace(0, len(arrays["input_ids"]), 5).astype(int)
-        dataset = ray.data.from_arrow([BlockAccessor.batch_to_block({k: v[a:b] for k, v in arrays.items()})
+        dataset = None if tensors else ray.data.from_arrow([BlockAccessor.batch_to_block({k: v[a:b] for k, v in arrays.items()})
                                        for a, b in zip(bounds[:-1], bounds[1:])])
         t_fit = time.time()
         phases["dataset_s"] = t_fit - t0 - phases["ray_init_s"]
@@ -313,9 +325,9 @@ def run_ray(prep: dict[str, Any], tmp: Path, idx: int, verbose: bool) -> dict[st
             train_loop_config=cfg,
             scaling_config=ScalingConfig(num_workers=2, use_gpu=cfg["use_gpu"],
                                          resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg["use_gpu"] else {})}),
-            run_config=RunConfig(name=f"ray-overhead-{idx}-{os.getpid()}", storage_path=str(tmp / "ray-storage"),
+            run_config=RunConfig(name=f"{name}-{idx}-{os.getpid()}", storage_path=str(tmp / "ray-storage"),
                                  failure_config=FailureConfig(max_failures=0)),
-            datasets={"train": dataset},
+            datasets={} if tensors else {"train": dataset},
         )
         trainer.fit()
         phases["fit_s"] = time.time() - t_fit
@@ -357,6 +369,8 @@ def _versions() -> dict[str, str]:
 
 def report(results: dict[str, Any]) -> str:
     info, reps = results["info"], results["repeats"]
+    names = [n for n in ("torchrun", "ray", "ray-tensors") if n in reps[0]]
+    tensors = "ray-tensors" in names
     lines = [
         f"model: {info['model']}, {info['parameters']:,} parameters",
         f"{info['workers']} workers, {info['device']}/{info['backend']}, ZeRO-{info['zero_stage']}, "
@@ -366,28 +380,34 @@ def report(results: dict[str, Any]) -> str:
         f"data: {info['packed_rows']} packed rows x {info['copies_of_data']} copies = {info['rows_used']} rows, "
         f"{info['steps_per_epoch']} steps per Ray Data epoch ({info['epochs_in_run']} epochs in the run)",
         "",
-        f"{'repeat':>6}  {'order':<14} {'torchrun tok/s':>14} {'ray tok/s':>10} {'ray/torchrun':>12}"
-        f"  load after (1 min; before: {results['load_1min_before']:.2f})",
+        f"{'repeat':>6}  {'order':<26} {'torchrun tok/s':>14} {'ray tok/s':>10} {'ray/torchrun':>12}"
+        + (f" {'ray-tensors tok/s':>17} {'ratio':>6}" if tensors else "")
+        + f"  load after (1 min; before: {results['load_1min_before']:.2f})",
     ]
     for r in reps:
-        lines.append(f"{r['repeat']:>6}  {r['order']:<14} {r['torchrun']['tokens_per_s']:>14,.0f} "
-                     f"{r['ray']['tokens_per_s']:>10,.0f} {r['ratio']:>12.3f}  {r['load_1min_after']:.2f}")
-    lines += [f"median ray/torchrun tokens/s: {results['median_ratio']:.3f}  "
-              f"(Ray {1 / results['median_ratio']:.2f}x the time per step)", ""]
-    lines.append("fixed cost = wall time of the whole command - timed steady state (s), medians:")
-    lines.append(f"{'':10}{'wall':>7}{'steady':>8}{'fixed':>7}  {'to 1st step':>11}{'warmup':>8}"
-                 f"{'after last':>11}")
-    for name in ("torchrun", "ray"):
+        lines.append(f"{r['repeat']:>6}  {r['order']:<26} {r['torchrun']['tokens_per_s']:>14,.0f} "
+                     f"{r['ray']['tokens_per_s']:>10,.0f} {r['ratio']:>12.3f}"
+                     + (f" {r['ray-tensors']['tokens_per_s']:>17,.0f} {r['ratio_ray_tensors']:>6.3f}" if tensors else "")
+                     + f"  {r['load_1min_after']:.2f}")
+    lines.append(f"median ray/torchrun tokens/s: {results['median_ratio']:.3f}  "
+                 f"(Ray takes {1 / results['median_ratio']:.2f}x the time per step)")
+    if tensors:
+        lines.append(f"median ray-tensors/torchrun tokens/s: {results['median_ratio_ray_tensors']:.3f}  "
+                     "(Ray Train loop fed from pre-built tensors, no Ray Data)")
+    lines += ["", "fixed cost = wall time of the whole command - timed steady state (s), medians:",
+              f"{'':12}{'wall':>7}{'steady':>8}{'fixed':>7}  {'to 1st step':>11}{'warmup':>8}{'after last':>11}"]
+    for name in names:
         m = {k: statistics.median(r[name][k] for r in reps)
              for k in ("wall_s", "steady_s", "fixed_s", "to_first_step_s", "warmup_steps_s", "after_last_step_s")}
-        lines.append(f"{name:10}{m['wall_s']:>7.1f}{m['steady_s']:>8.1f}{m['fixed_s']:>7.1f}  "
+        lines.append(f"{name:12}{m['wall_s']:>7.1f}{m['steady_s']:>8.1f}{m['fixed_s']:>7.1f}  "
                      f"{m['to_first_step_s']:>11.1f}{m['warmup_steps_s']:>8.1f}{m['after_last_step_s']:>11.1f}")
     ray_phases = {k: statistics.median(r["ray"][k] for r in reps)
                   for k in ("ray_init_s", "dataset_s", "fit_s", "shutdown_s")}
     lines.append("ray phases (s): " + ", ".join(f"{k[:-2]} {v:.1f}" for k, v in ray_phases.items()))
+    lines.append("ray env: " + " ".join(f"{k}={v}" for k, v in results["ray_env"].items()))
     lines.append(f"torch threads per worker: torchrun {reps[0]['torchrun']['torch_threads']}, "
                  f"ray {reps[0]['ray']['torch_threads']}; {results['cpus']} CPUs")
-    lines.append(f"versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
     return "\n".join(lines)
 
 
@@ -408,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=8, help="--model larger: attention heads")
     p.add_argument("--no-tile", action="store_true",
                    help="keep the packed rows as they are (the Ray side then restarts its shard every epoch)")
+    p.add_argument("--ray-tensors", action="store_true",
+                   help="also run a third variant: the Ray Train loop fed from pre-built tensors (no Ray Data), "
+                        "to split the overhead between Ray Train and Ray Data")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--verbose", action="store_true", help="show the workers' output")
     p.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)  # the torchrun worker, started by us
@@ -429,21 +452,30 @@ def main(argv: list[str] | None = None) -> int:
             log(f"warning: 1-min load average is {load_before:.1f} on {os.cpu_count()} CPUs before starting: "
                 "something else is running and the figures will be noisy")
         for i in range(args.repeats):
-            order = ("torchrun", "ray") if i % 2 == 0 else ("ray", "torchrun")
+            order = ("torchrun", "ray") + (("ray-tensors",) if args.ray_tensors else ())
+            order = order if i % 2 == 0 else order[::-1]
             rep: dict[str, Any] = {"repeat": i + 1, "order": ",".join(order)}
             for name in order:
                 log(f"repeat {i + 1}/{args.repeats}: {name} ...")
-                run = run_torchrun if name == "torchrun" else run_ray
-                rep[name] = run(prep, tmp, i, args.verbose)
+                if name == "torchrun":
+                    rep[name] = run_torchrun(prep, tmp, i, args.verbose)
+                else:
+                    rep[name] = run_ray(prep, tmp, i, args.verbose, tensors=name == "ray-tensors")
                 log(f"  {name}: {rep[name]['tokens_per_s']:,.0f} tokens/s over {rep[name]['steady_s']:.1f}s, "
                     f"wall {rep[name]['wall_s']:.1f}s")
             rep["ratio"] = rep["ray"]["tokens_per_s"] / rep["torchrun"]["tokens_per_s"]
+            if args.ray_tensors:
+                rep["ratio_ray_tensors"] = rep["ray-tensors"]["tokens_per_s"] / rep["torchrun"]["tokens_per_s"]
             rep["load_1min_after"] = os.getloadavg()[0]
             reps.append(rep)
         results = {"info": prep["info"], "versions": _versions(), "cpus": os.cpu_count(),
                    "load_1min_before": load_before, "repeats": reps,
                    "median_ratio": statistics.median(r["ratio"] for r in reps),
-                   "fixed_s": {n: statistics.median(r[n]["fixed_s"] for r in reps) for n in ("torchrun", "ray")}}
+                   "ray_env": {k: os.environ.get(k, v) for k, v in RAY_ENV.items()},
+                   "fixed_s": {n: statistics.median(r[n]["fixed_s"] for r in reps)
+                               for n in ("torchrun", "ray", "ray-tensors") if n in reps[0]}}
+        if args.ray_tensors:
+            results["median_ratio_ray_tensors"] = statistics.median(r["ratio_ray_tensors"] for r in reps)
         print(json.dumps(results, indent=1) if args.json else report(results), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

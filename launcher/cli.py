@@ -14,6 +14,7 @@ from launcher.errors import Interrupted, LaunchError
 
 app = typer.Typer(
     add_completion=False,
+    pretty_exceptions_enable=False,
     no_args_is_help=True,
     rich_markup_mode=None,
     help="Fine-tune LLMs with DeepSpeed inside Ray Train on a Ray cluster it provisions.\n\n"
@@ -102,8 +103,13 @@ def validate(
 
 
 @app.command()
-def schema() -> None:
+def schema(markdown: bool = typer.Option(False, "--markdown", help="Print a reference page instead.")) -> None:
     """Print the JSON Schema of the run spec (for editors: `launch schema > run.schema.json`)."""
+    if markdown:
+        from launcher.spec_doc import markdown as page
+
+        print(page(), end="")
+        return
     from trainers.spec import json_schema
 
     print(json.dumps(json_schema(), indent=1))

@@ -171,10 +171,15 @@ class _RunBase(Strict):
     name: str
     """Run name: lowercase letters, digits and `-`; runs are stored under it."""
     model: ModelSpec
+    """The model to start from, its precision, adapters and frozen parts."""
     data: DataSpec
+    """Training and evaluation data, and how it becomes fixed-length sequences."""
     train: TrainSpec = TrainSpec()
+    """Steps, optimizer, batch sizes and DeepSpeed."""
     resources: ResourcesSpec = ResourcesSpec()
+    """Workers and what each reserves on the cluster."""
     checkpoint: CheckpointSpec = CheckpointSpec()
+    """Where the run is stored, how often it checkpoints, and resuming."""
     env: dict[str, Union[str, int, float, bool]] = {}
     """Environment variables for the workers (no secrets: use `secrets`)."""
     secrets: list[str] = []

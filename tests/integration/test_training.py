@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.integration.conftest import REPO, output
+from tests.conftest import REPO, output
 from trainers import checkpoint, storage
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,54 @@
+"""The run spec as Markdown, generated from the pydantic models' field docstrings
+(`launch schema --markdown > docs/run-spec.md`; a test keeps the page current)."""
+
+from __future__ import annotations
+
+import typing
+
+from pydantic import BaseModel
+
+from trainers.spec import PretrainRun, SftRun
+
+
+def _type_name(annotation) -> str:
+    text = str(annotation).replace("typing.", "").replace("trainers.spec.", "")
+    return getattr(annotation, "__name__", text) if not typing.get_args(annotation) else text
+
+
+def _submodels(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _submodels(arg)]
+
+
+def _section(prefix: str, model: type[BaseModel], out: list[str], seen: set) -> None:
+    out += [f"## `{prefix or 'top level'}`", ""]
+    if model.__doc__ and prefix:
+        out += [model.__doc__.strip().splitlines()[0], ""]
+    out += ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+    nested = []
+    for name, field in model.model_fields.items():
+        default = "required" if field.is_required() else f"`{field.default!r}`"
+        if isinstance(field.default, BaseModel):
+            default = "see below"
+        desc = " ".join((field.description or "").split()).replace("|", "\\|")
+        type_name = _type_name(field.annotation).replace("|", "\\|")
+        out.append(f"| `{name}` | `{type_name}` | {default} | {desc} |")
+        for sub in _submodels(field.annotation):
+            nested.append((f"{prefix}.{name}".lstrip("."), sub))
+    out.append("")
+    for path, sub in nested:
+        if (path, sub) not in seen:
+            seen.add((path, sub))
+            _section(path, sub, out, seen)
+
+
+def markdown() -> str:
+    out = ["# The run spec", "",
+           "Generated from `trainers/spec.py` by `launch schema --markdown`; do not edit by hand.",
+           "Unknown keys are errors. `method` chooses the training method:", ""]
+    for run in (SftRun, PretrainRun):
+        out.append(f"- `{run.model_fields['method'].annotation.__args__[0]}`: {run.__doc__.strip()}")
+    out.append("")
+    _section("", SftRun, out, set())
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,178 @@
+"""Every command in README.md and docs/*.md is run here, as written, against the session's
+real local Ray head and S3 server; a documented command that no test runs fails the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LAUNCH, REPO, output
+
+pytestmark = pytest.mark.integration
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+# Commands that a test cannot run inside the test suite, and what runs them instead.
+RUN_ELSEWHERE = {
+    "bash .ci/setup && .venv/bin/python -m pytest -q": ".ci/run (it is CI's test command)",
+    "bash .ci/setup": "every other README command and .ci/run",
+    ". .venv/bin/activate": "a shell builtin; the tests call the same .venv's launcher",
+    "launch down local": "the launch_home fixture's teardown, which asserts it",
+    "launch schema --markdown > docs/run-spec.md": "test_run_spec_page_is_current",
+}
+
+
+def documented_commands() -> list[str]:
+    commands = []
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+            for line in block.splitlines():
+                line = re.sub(r"\s{2,}#.*$", "", line).strip()
+                if line and not line.startswith("#"):
+                    commands.append(line)
+    return commands
+
+
+TESTED = {
+    "bash .ci/setup && .venv/bin/launch configs/examples/quickstart.yaml",
+    "launch validate configs/examples/lora.yaml",
+    "launch configs/examples/lora.yaml train.max_steps=10",
+    "launch status",
+    "launch schema > run.schema.json",
+    "launch configs/examples/quickstart.yaml",
+    "launch configs/examples/quickstart.yaml --detach",
+    "launch logs <JOB> -f",
+    "launch cancel <JOB>",
+    "export AWS_ENDPOINT_URL=http://127.0.0.1:9000 AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...",
+    "launch configs/examples/quickstart.yaml checkpoint.storage=s3://my-bucket/runs",
+}
+
+
+def test_every_documented_command_is_run_by_a_test():
+    untested = [c for c in documented_commands() if c not in TESTED and c not in RUN_ELSEWHERE]
+    assert not untested, f"documented but not run by any test: {untested}"
+
+
+def shell(command: str, home: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 900):
+    """Run a documented command with `launch` meaning this venv's launcher."""
+    full_env = {**os.environ, "LLMLAUNCH_HOME": home, **(env or {})}
+    full_env["PATH"] = f"{REPO / '.venv' / 'bin'}:{full_env['PATH']}"
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, output(proc)[-4000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_readme_quickstart_command_trains_and_exports(launch_home):
+    readme_first = documented_commands()[0]
+    assert readme_first == "bash .ci/setup && .venv/bin/launch configs/examples/quickstart.yaml"
+    proc = shell(readme_first, launch_home)
+    assert_ok(proc)
+    assert re.search(r"job quickstart-\S+ succeeded", proc.stderr)
+    models = list(Path(launch_home, "runs", "quickstart").glob("*/model/model.safetensors"))
+    assert models, output(proc)[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(models[-1].parent)
+
+
+def test_readme_usage_commands(launch_home, tmp_path):
+    assert_ok(shell("launch validate configs/examples/lora.yaml", launch_home))
+    proc = shell("launch configs/examples/lora.yaml train.max_steps=10", launch_home)
+    assert_ok(proc)
+    assert list(Path(launch_home, "runs", "quickstart-lora").glob("*/adapter/adapter_config.json"))
+    status = shell("launch status", launch_home)
+    assert_ok(status)
+    assert "quickstart-lora-" in status.stderr and "SUCCEEDED" in status.stderr
+    assert_ok(shell("launch schema > run.schema.json", launch_home, cwd=tmp_path))
+    assert json.loads((tmp_path / "run.schema.json").read_text())["$defs"]
+
+
+def test_quickstart_doc_detach_follow_cancel(launch_home):
+    submitted = shell("launch configs/examples/quickstart.yaml --detach", launch_home)
+    assert_ok(submitted)
+    job = re.search(r"submitted job (\S+);", submitted.stderr).group(1)
+    assert f"launch logs {job} -f" in submitted.stderr
+    followed = shell(f"launch logs {job} -f", launch_home)
+    assert_ok(followed)
+    assert re.search(r"step 30/30 +loss", followed.stdout)
+    cancelled = shell(f"launch cancel {job}", launch_home)  # already finished: nothing to stop
+    assert_ok(cancelled)
+    assert "was not running" in cancelled.stderr
+    # the same command again: that run finished, so this one starts fresh (never resumes it)
+    again = shell("launch configs/examples/quickstart.yaml", launch_home)
+    assert_ok(again)
+    assert "resuming from" not in output(again) and "starting at step 0/30" in output(again)
+
+
+def test_quickstart_doc_s3_storage(launch_home, s3_server):
+    from tests.fixtures.s3 import make_bucket
+
+    make_bucket(s3_server, "my-bucket")
+    env = s3_server.env()  # the documented `export` line, with this server's values
+    proc = shell("launch configs/examples/quickstart.yaml checkpoint.storage=s3://my-bucket/runs", launch_home, env)
+    assert_ok(proc)
+    assert "run directory s3://my-bucket/runs/quickstart/" in proc.stderr
+    assert env["AWS_SECRET_ACCESS_KEY"] not in output(proc)
+
+
+def test_ctrl_c_detaches_and_the_job_keeps_running(launch_home, tmp_path):
+    env = {**os.environ, "LLMLAUNCH_HOME": launch_home}
+    proc = subprocess.Popen([*LAUNCH, "configs/examples/quickstart.yaml", "name=ctrl-c", "train.max_steps=200"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, job = [], None
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        job = job or (re.search(r"submitted job (\S+);", line) or [None, None])[1]
+        if job and line.startswith("step "):
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    text = "".join(seen) + rest
+    assert proc.returncode == 130, text[-3000:]
+    assert f"detached from job {job}" in text and f"launch cancel {job}" in text
+    assert "Traceback" not in text
+    status = json.loads(subprocess.run([*LAUNCH, "status", "--json"], env=env, cwd=REPO, capture_output=True,
+                                       text=True, check=True).stdout)
+    assert [j["status"] for j in status["jobs"] if j["job"] == job] == ["RUNNING"]
+    subprocess.run([*LAUNCH, "cancel", job], env=env, cwd=REPO, check=True, capture_output=True)
+
+
+def test_run_spec_page_is_current():
+    from launcher.spec_doc import markdown
+
+    assert (REPO / "docs" / "run-spec.md").read_text() == markdown(), \
+        "regenerate: launch schema --markdown > docs/run-spec.md"
+
+
+def test_every_shipped_config_validates(tmp_path):
+    """Every YAML under configs/ (specs and cluster definitions) and every DeepSpeed JSON."""
+    from launcher import preflight
+    from launcher.clusters import load_cluster
+    from launcher.config import load_spec
+    from trainers import ds_check
+    from trainers.ds_config import deepspeed_config
+
+    yamls = sorted((REPO / "configs").rglob("*.yaml"))
+    assert yamls
+    for path in yamls:
+        if path.parent.name == "clusters":
+            load_cluster(str(path))
+        else:
+            preflight.check_spec(load_spec(path), str(path))
+    for path in sorted((REPO / "configs" / "deepspeed").glob("*.json")):
+        spec = load_spec(REPO / "configs/examples/quickstart.yaml", [f"train.deepspeed={path}"])
+        cfg = deepspeed_config(spec, use_gpu=False, total_steps=100, hidden_size=64)
+        assert ds_check.check(cfg) is None, path
