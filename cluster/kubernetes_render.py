@@ -209,6 +209,7 @@ def _worker_group(defn: KubernetesCluster, group: WorkerGroup, labels: dict[str,
         "replicas": group.replicas,
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
+        "rayStartParams": {},
         "template": _pod_template(defn, container="ray-worker", cpu=group.cpu, memory=group.memory,
                                   shm_size=group.shm_size, gpus=group.gpus,
                                   node_selector=worker_node_selector(group, defn.spot_pool),
@@ -218,7 +219,7 @@ def _worker_group(defn: KubernetesCluster, group: WorkerGroup, labels: dict[str,
     if group.gpu_type:
         # The resource Ray itself reports on such a node; declaring it lets the autoscaler
         # scale this group from zero for `accelerator_type` requests.
-        spec["rayStartParams"] = {"resources": _ray_resources_param({f"accelerator_type:{group.gpu_type}": 1})}
+        spec["rayStartParams"]["resources"] = _ray_resources_param({f"accelerator_type:{group.gpu_type}": 1})
     return spec
 
 

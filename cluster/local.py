@@ -143,6 +143,9 @@ def up(definition: LocalCluster | None = None, on_progress=print) -> str:
     env = dict(os.environ)  # carries RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH (set by address())
     # Measured: without this, Ray on Linux binds the machine's address and all interfaces.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # On SIGTERM a node drains for up to 30 s so a cloud can move work elsewhere; a local
+    # head being stopped by its user has nowhere to move it.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "2")
     on_progress(f"starting a local Ray head on {HOST} (log: {log_path})")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(_command(definition, ports), stdout=log, stderr=subprocess.STDOUT,

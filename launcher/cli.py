@@ -33,13 +33,13 @@ def run(
     detach: bool = typer.Option(False, "--detach", "-d", help="Submit and return; follow later with `launch logs`."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print what would be submitted; start nothing."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable events on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="On a terminal, also show Ray's own log lines."),
 ) -> None:
     """Validate, check storage, start (or reuse) the cluster, submit the run and follow it."""
     from cluster import provider
     from launcher import preflight, submit
     from launcher.clusters import load_cluster
     from launcher.config import load_spec
-    from launcher.output import JobOutput
     from trainers.checkpoint import run_uri
 
     spec = load_spec(spec_file, overrides or [])
@@ -61,15 +61,15 @@ def run(
         for h in hints:
             _say(h)
         return
-    _follow(address, job_id, hints, json_out)
+    _follow(address, job_id, hints, json_out, verbose)
 
 
-def _follow(address: str, job_id: str, hints: list[str], json_out: bool) -> None:
+def _follow(address: str, job_id: str, hints: list[str], json_out: bool, verbose: bool = False) -> None:
     from launcher import submit
     from launcher.errors import JobFailed
     from launcher.output import JobOutput
 
-    out = JobOutput(json_mode=json_out)
+    out = JobOutput(json_mode=json_out, verbose=verbose)
     try:
         end = submit.follow(address, job_id, out.feed)
     except KeyboardInterrupt:

@@ -16,6 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 MARKER = "LLMLAUNCH_PROGRESS "  # trainers.sft.PROGRESS; not imported: that module needs torch
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Ray's own bookkeeping, hidden on a terminal (never from `launch logs`, --json or pipes).
+_NOISE = re.compile(
+    r"^\((SplitCoordinator|DatasetManager|_StatsActor|AutoscalingRequester)\b"
+    r"|Reporting training result \d+|Checkpoint successfully created at"
+    r"|INFO (streaming_executor|dataset|logging|split)\.py"
+    r"|Ray deduplicates logs by default|configure-logging\.html|^RAY_DEDUP_LOGS"
+)
 
 
 def describe(event: dict[str, Any]) -> str:
@@ -28,10 +35,11 @@ def describe(event: dict[str, Any]) -> str:
 class JobOutput:
     """Feed it log text in arbitrary chunks; call close() at the end."""
 
-    def __init__(self, console: Console | None = None, *, json_mode: bool = False):
+    def __init__(self, console: Console | None = None, *, json_mode: bool = False, verbose: bool = False):
         self.console = console or Console(stderr=False)
         self.json_mode = json_mode
         self.tty = self.console.is_terminal and not json_mode
+        self.hide_noise = self.tty and not verbose
         self.buffer = ""
         self.events: list[dict[str, Any]] = []
         self.progress: Progress | None = None
@@ -60,6 +68,8 @@ class JobOutput:
             if isinstance(event, dict) and "step" in event and ("loss" in event or "eval_loss" in event):
                 self.events.append(event)
                 return self._progress(event)
+        if self.hide_noise and _NOISE.search(line):
+            return
         if self.json_mode:
             print(json.dumps({"event": "log", "line": line}), flush=True)
         elif self.progress is not None:

@@ -16,6 +16,10 @@ def quiet_workers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=r".*torch\.distributed.*", category=FutureWarning)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # tqdm bars of weight loading/saving garble a streamed log; progress is ours to report.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def init_distributed() -> None:
