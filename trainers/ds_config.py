@@ -156,22 +156,20 @@ def _auto_keys(node: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == "auto" else []
 
 
-def _has(cfg: dict, key: str) -> bool:
+_MISSING = object()
+
+
+def _get(cfg: dict, key: str, default: Any = None) -> Any:
     node: Any = cfg
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _get(cfg: dict, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
+            return default
         node = node[part]
     return node
+
+
+def _has(cfg: dict, key: str) -> bool:
+    return _get(cfg, key, _MISSING) is not _MISSING
 
 
 def _set(cfg: dict, key: str, value: Any) -> None:
