@@ -35,6 +35,8 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
     env = dict(spec.env)
     if local:
         env.update({k: v for k, v in os.environ.items() if k.startswith(LOCAL_PASSTHROUGH_PREFIXES)})
+        if "LLMLAUNCH_HOME" in os.environ:  # the model cache lives there too
+            env["LLMLAUNCH_HOME"] = os.environ["LLMLAUNCH_HOME"]
     missing = [name for name in spec.secrets if name not in os.environ]
     if missing:
         raise UsageError(f"secrets: {', '.join(missing)} not set in this environment",

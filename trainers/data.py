@@ -116,17 +116,16 @@ class Prepared:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_dir: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+def _tokenizer(model_path: str, trust_remote_code: bool):
+    """Loaded once per Ray worker process. Tasks may run on any node, so an `s3://` model's
+    tokenizer files are fetched (once per node, without weights) where the task runs."""
+    from trainers import models
 
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return models.load_tokenizer(models.local_model_dir(model_path, weights=False), trust_remote_code)
 
 
-def _tokenize_batch(batch, *, ds: DatasetSpec, model_dir: str, trust_remote_code: bool, max_len: int, packing: bool):
-    tok = _tokenizer(model_dir, trust_remote_code)
+def _tokenize_batch(batch, *, ds: DatasetSpec, model_path: str, trust_remote_code: bool, max_len: int, packing: bool):
+    tok = _tokenizer(model_path, trust_remote_code)
     examples = [tokenize_example(row, ds, tok) for row in batch.to_pylist()]
     return pack(examples, max_len, tok.pad_token_id, packing)
 
@@ -164,7 +163,7 @@ def _dir_has(fs, path: str, suffix: str) -> bool:
     return any(f.path.endswith(suffix) for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
 
 
-def prepare(spec: AnyRun, model_dir: str) -> Prepared:
+def prepare(spec: AnyRun) -> Prepared:
     """Tokenize and pack every dataset once, split off eval rows, shuffle, materialize."""
     d = spec.data
 
@@ -174,7 +173,7 @@ def prepare(spec: AnyRun, model_dir: str) -> Prepared:
                 _tokenize_batch,
                 batch_format="pyarrow",
                 batch_size=1024,
-                fn_kwargs=dict(ds=ds, model_dir=model_dir, trust_remote_code=spec.model.trust_remote_code,
+                fn_kwargs=dict(ds=ds, model_path=spec.model.path, trust_remote_code=spec.model.trust_remote_code,
                                max_len=d.max_seq_len, packing=d.packing),
             )
             for ds in datasets

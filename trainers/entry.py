@@ -16,7 +16,7 @@ import time
 
 import yaml
 
-from trainers import checkpoint, data, models, storage
+from trainers import checkpoint, data, storage
 from trainers.spec import AnyRun, parse_spec
 
 SPEC_ENV = "LLMLAUNCH_SPEC"
@@ -37,7 +37,7 @@ def main() -> int:
 
     resume_from = pick_resume(spec)
     t0 = time.perf_counter()
-    prepared = data.prepare(spec, models.local_model_dir(spec.model.path, weights=False))
+    prepared = data.prepare(spec)
     print(f"data: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} eval; "
           f"packing efficiency {prepared.packing_efficiency:.1%} (non-pad tokens), "
           f"{prepared.loss_tokens:,} loss tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)

@@ -55,9 +55,15 @@ def assert_generates(model_dir) -> None:
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_full_finetune_zero2_checkpoints_to_s3_and_exports(launch, s3_env, tmp_path):
+def test_full_finetune_zero2_model_and_data_from_s3(launch, s3_env, tmp_path):
+    """The model, the data and the run all live in S3."""
+    inputs = storage.join(s3_env.rsplit("/", 1)[0], "inputs")
+    storage.upload_dir(str(BASE_MODEL), storage.join(inputs, "tiny-llama"))
+    storage.write_text(storage.join(inputs, "chat.jsonl"),
+                       (REPO / "configs/examples/data/messages.jsonl").read_text())
     proc = launch(QUICKSTART, f"checkpoint.storage={s3_env}", "name=ft-zero2", "train.max_steps=15",
-                  "checkpoint.every_n_steps=5", "checkpoint.keep=2")
+                  "checkpoint.every_n_steps=5", "checkpoint.keep=2", f"model.path={inputs}/tiny-llama",
+                  f"data.train[0].path={inputs}/chat.jsonl")
     assert_ok(proc)
     run = run_dir(proc)
     assert run.startswith(s3_env)
