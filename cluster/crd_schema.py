@@ -133,7 +133,8 @@ def _strict(node: Any) -> Any:
 
 def load_strict_schema(crd_path: str | os.PathLike[str]) -> dict[str, Any]:
     """The `v1` schema of a CRD file, made strict (see the module doc)."""
-    crd = yaml.safe_load(Path(crd_path).read_text(encoding="utf-8"))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are large: libyaml is 4x faster
+    crd = yaml.load(Path(crd_path).read_text(encoding="utf-8"), Loader=loader)
     versions = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     if not versions:
         raise ValueError(f"{crd_path}: no v1 version in the CRD")
@@ -175,9 +176,7 @@ def _validator(path: str) -> Any:
 
     base = jsonschema.validators.validator_for({"$schema": "https://json-schema.org/draft/2020-12/schema"})
     cls = jsonschema.validators.extend(base, {"x-kubernetes-list-type": list_type})
-    schema = load_strict_schema(path)
-    cls.check_schema(schema)
-    return cls(schema)
+    return cls(load_strict_schema(path))
 
 
 def validate(obj: dict[str, Any], kind: str | None = None) -> list[str]:

@@ -103,7 +103,8 @@ def rayjob_name(run_name: str, run_id: str) -> str:
     if not base[:1].isalpha():
         base = f"run-{base}".rstrip("-")
     name = f"{base[: RAYJOB_NAME_MAX - len(rid) - 1].rstrip('-')}-{rid}"
-    assert dns1035_label_problem(name, RAYJOB_NAME_MAX) is None, name
+    if problem := dns1035_label_problem(name, RAYJOB_NAME_MAX):  # cannot happen; never apply a bad name
+        raise ValueError(f"RayJob name {name!r} {problem}")
     return name
 
 
@@ -342,7 +343,8 @@ LAUNCHER_RULES: list[tuple[dict[str, Any], str]] = [
      "reach the ClusterIP dashboard from a laptop by port-forward: `create` for SPDY and (Kubernetes "
      "1.35+) WebSocket requests, `get` for WebSocket requests on 1.31-1.34"),
     ({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "delete"]},
-     "hold each ephemeral run's spec (created owned by its RayJob; deleted if the RayJob cannot be created)"),
+     "each ephemeral run's spec: created owned by its RayJob (so deleted with it), read back by "
+     "`launch status`, deleted by the launcher when a submission is abandoned half-way"),
 ]
 
 

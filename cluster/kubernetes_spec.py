@@ -371,7 +371,7 @@ class KubernetesCluster(_Strict):
     kind: Literal["kubernetes"] = "kubernetes"
     name: Annotated[str, AfterValidator(_check(lambda v: dns1035_label_problem(v, max_len=40)))]
     """Cluster name: the persistent `RayCluster` is called this (lower-case letters, digits, '-';
-    starts with a letter; at most 40 characters)."""
+    starts with a letter; at most 40 characters, as KubeRay derives Service and pod names from it)."""
     namespace: LabelName = "default"
     """Namespace of every object (created by the admin, with the launcher's RBAC: k8s/)."""
     image: str = Field("rayproject/ray:2.60.0-py311-gpu", min_length=1)

@@ -141,6 +141,9 @@ def up(definition: LocalCluster | None = None, on_progress=print) -> str:
     url = f"http://{HOST}:{ports['dashboard-port']}"
     log_path = home() / "head.log"
     env = dict(os.environ)  # carries RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH (set by address())
+    # Jobs run `python -m trainers.entry`: it must be this environment's Python, whatever
+    # the caller's PATH (e.g. .venv/bin/launch run without activating the venv).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # Measured: without this, Ray on Linux binds the machine's address and all interfaces.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # On SIGTERM a node drains for up to 30 s so a cloud can move work elsewhere; a local
