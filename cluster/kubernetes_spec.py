@@ -384,8 +384,9 @@ class KubernetesCluster(_Strict):
     """When nodes pull `image`."""
     service_account: ObjectName | None = None
     """ServiceAccount the Ray pods run as (e.g. one bound to a cloud IAM role for storage). Default:
-    none set; KubeRay then makes one for its autoscaler. Not the launcher's own account (k8s/rbac.yaml),
-    whose rights to create clusters training code must not have."""
+    none set; KubeRay then makes one for its autoscaler. When set and `autoscaling` is on, KubeRay binds
+    its autoscaler Role (scale this RayCluster) to this account, and every pod running as it gets
+    that right. Never the launcher's own account (k8s/rbac.yaml): training code must not create clusters."""
     storage_secret: StorageSecret | None = StorageSecret()
     """Secret with storage credentials, read by the pods as environment variables; null when the pods
     get credentials otherwise (workload identity, instance roles)."""
