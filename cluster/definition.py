@@ -26,7 +26,9 @@ class LocalCluster(_Strict):
     """Ray object store size (default: Ray's choice, ~30% of memory)."""
 
 
-ClusterDef = Annotated[Union[LocalCluster], Field(discriminator="kind")]
+from cluster.kubernetes_spec import KubernetesCluster  # noqa: E402  (pydantic only: light)
+
+ClusterDef = Annotated[Union[LocalCluster, KubernetesCluster], Field(discriminator="kind")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(ClusterDef)
 
 # Where `--cluster NAME` looks, in order: the user's own directory, then the shipped ones.
@@ -34,7 +36,7 @@ SEARCH_PATH_ENV = "LLMLAUNCH_CLUSTERS"
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "clusters"
 
 
-def parse_cluster(data: dict[str, Any]) -> LocalCluster:
+def parse_cluster(data: dict[str, Any]) -> LocalCluster | KubernetesCluster:
     return _ADAPTER.validate_python(data)
 
 

@@ -20,13 +20,14 @@ from trainers import checkpoint, data, storage
 from trainers.spec import AnyRun, parse_spec
 
 SPEC_ENV = "LLMLAUNCH_SPEC"
+SPEC_FILE_ENV = "LLMLAUNCH_SPEC_FILE"
 RUN_ID_ENV = "LLMLAUNCH_RUN_ID"
 
 
 def main() -> int:
     import ray
 
-    spec = parse_spec(json.loads(os.environ[SPEC_ENV]))
+    spec = parse_spec(json.loads(_spec_text()))
     run_id = os.environ[RUN_ID_ENV]
     if not spec.checkpoint.storage:
         raise SystemExit("checkpoint.storage is empty: submit runs with `launch`, which fills the default")
@@ -57,6 +58,16 @@ def main() -> int:
     storage.write_text(storage.join(run, checkpoint.RESULT), json.dumps(summary, indent=1))
     print(f"done: model at {summary['model']}", flush=True)
     return 0
+
+
+def _spec_text() -> str:
+    """The spec by value (`LLMLAUNCH_SPEC`, runs submitted through the Jobs API) or by
+    reference (`LLMLAUNCH_SPEC_FILE`, a mounted ConfigMap: ephemeral Kubernetes runs)."""
+    path = os.environ.get(SPEC_FILE_ENV)
+    if path:
+        with open(path) as f:
+            return f.read()
+    return os.environ[SPEC_ENV]
 
 
 def pick_resume(spec: AnyRun) -> str | None:
