@@ -358,13 +358,12 @@ def _free_port() -> int:
 
 
 def _versions() -> dict[str, str]:
-    import deepspeed
-    import ray
-    import torch
-    import transformers
+    # From the package metadata: importing deepspeed here would print its accelerator
+    # warning on stdout, which --json output must not contain.
+    from importlib.metadata import version
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
-            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    return {"python": sys.version.split()[0], **{name: version(name) for name in
+                                                 ("torch", "ray", "deepspeed", "transformers")}}
 
 
 def report(results: dict[str, Any]) -> str:

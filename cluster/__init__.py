@@ -55,7 +55,7 @@ class Provider(Protocol):
     def supports(self, feature: str) -> bool: ...
 
 
-KINDS = ("local",)
+KINDS = ("local", "kubernetes")
 
 
 def provider(kind: str) -> Provider:

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from launcher.errors import Interrupted, LaunchError
+from launcher.errors import Interrupted, LaunchError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -34,9 +34,11 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print what would be submitted; start nothing."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable events on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="On a terminal, also show Ray's own log lines."),
+    ephemeral: bool = typer.Option(False, "--ephemeral", help="Kubernetes: a RayJob whose cluster lives as long "
+                                                              "as this run, instead of the persistent RayCluster."),
 ) -> None:
     """Validate, check storage, start (or reuse) the cluster, submit the run and follow it."""
-    from cluster import provider
+    from cluster import ClusterStatus, provider
     from launcher import preflight, submit
     from launcher.clusters import load_cluster
     from launcher.config import load_spec
@@ -44,24 +46,87 @@ def run(
 
     spec = load_spec(spec_file, overrides or [])
     definition = load_cluster(cluster)
-    ds_cfg = preflight.check_spec(spec, str(spec_file))
+    kube = definition.kind == "kubernetes"
+    if ephemeral and not kube:
+        raise UsageError(f"--ephemeral needs a kubernetes cluster; {cluster} is {definition.kind}")
+    ds_cfg = preflight.check_spec(spec, str(spec_file), remote=kube)
+    run_id = submit.new_run_id()
     if dry_run:
-        _echo({"spec": spec.model_dump(mode="json"), "deepspeed": ds_cfg, "cluster": definition.model_dump()}, json_out)
+        out = {"spec": spec.model_dump(mode="json"), "deepspeed": ds_cfg, "cluster": definition.model_dump()}
+        if kube:
+            out["manifests"] = _manifests(definition, spec, run_id, ephemeral)
+        _echo(out, json_out)
         return
     preflight.check_deepspeed_rules(spec, ds_cfg, str(spec_file))
     preflight.check_storage(spec)
     prov = provider(definition.kind)
-    address = prov.up(definition, on_progress=_say)
-    preflight.check_resources(spec, prov.status(definition))
-    run_id = submit.new_run_id()
-    job_id = submit.submit(address, spec, run_id, local=definition.kind == "local")
+    if kube:
+        from cluster.kubernetes import capacity
+
+        preflight.check_resources(spec, ClusterStatus(cluster, "kubernetes", False, resources=capacity(definition)))
+    hints = []
+    if ephemeral:
+        from cluster.kubernetes import run_ephemeral
+
+        env = {k: v for k, v in submit.job_env(spec, run_id, local=False).items() if k not in _BY_REFERENCE}
+        address, job_id = run_ephemeral(definition, spec_json=json.dumps(spec.model_dump(mode="json")),
+                                        run_name=spec.name, run_id=run_id, env=env, on_progress=_say)
+        submit.wait_for_job(address, job_id)
+    else:
+        address = prov.up(definition, on_progress=_say)
+        if not kube:
+            preflight.check_resources(spec, prov.status(definition))
+        job_id = submit.submit(address, spec, run_id, local=not kube)
     _say(f"submitted job {job_id}; run directory {run_uri(spec.checkpoint.storage, spec.name, run_id)}")
-    hints = [f"follow:  launch logs {job_id} -f --cluster {cluster}", f"cancel:  launch cancel {job_id} --cluster {cluster}"]
+    hints += [f"follow:  launch logs {job_id} -f --cluster {cluster}", f"cancel:  launch cancel {job_id} --cluster {cluster}"]
     if detach:
         for h in hints:
             _say(h)
         return
     _follow(address, job_id, hints, json_out, verbose)
+
+
+# Set by the RayJob from its mounted ConfigMap, not carried in its runtime_env.
+_BY_REFERENCE = {"LLMLAUNCH_SPEC", "LLMLAUNCH_RUN_ID"}
+
+
+def _manifests(definition, spec, run_id: str, ephemeral: bool) -> list[dict]:
+    from cluster import kubernetes
+    from cluster.kubernetes_render import render_rayjob
+    from launcher import submit
+
+    if not ephemeral:
+        return kubernetes.render(definition)
+    env = {k: v for k, v in submit.job_env(spec, run_id, local=False).items() if k not in _BY_REFERENCE}
+    return render_rayjob(definition, spec_json=json.dumps(spec.model_dump(mode="json")), run_name=spec.name,
+                         run_id=run_id, owner=kubernetes.owner(), env=env)
+
+
+@app.command()
+def render(
+    spec_file: Path = typer.Argument(..., metavar="RUN.yaml"),
+    overrides: Optional[List[str]] = Overrides,
+    cluster: str = ClusterOpt,
+    ephemeral: bool = typer.Option(False, "--ephemeral", help="The RayJob (+ spec ConfigMap) of an ephemeral run."),
+) -> None:
+    """Print the Kubernetes manifests a run would apply (nothing is contacted)."""
+    import yaml
+
+    from launcher import submit
+    from launcher.clusters import load_cluster
+    from launcher.config import load_spec
+
+    spec = load_spec(spec_file, overrides or [])
+    definition = load_cluster(cluster)
+    if definition.kind != "kubernetes":
+        raise UsageError(f"--cluster {cluster} is {definition.kind}: it has no manifests",
+                         hint="`launch run --dry-run` shows what a local run would do")
+    run_id = submit.new_run_id()
+    docs = _manifests(definition, spec, run_id, ephemeral)
+    print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+    note = (f"the run id ({run_id}) is chosen at submission" if ephemeral else
+            "runs are submitted to this RayCluster through the Ray Jobs API; `launch up` applies it")
+    _say(f"# {len(docs)} object(s) for namespace {definition.namespace}; {note}")
 
 
 def _follow(address: str, job_id: str, hints: list[str], json_out: bool, verbose: bool = False) -> None:
@@ -238,7 +303,7 @@ def _echo(obj, json_out: bool) -> None:
         print(yaml.safe_dump(obj, sort_keys=False))
 
 
-COMMANDS = {"run", "validate", "schema", "up", "down", "status", "logs", "cancel"}
+COMMANDS = {"run", "validate", "schema", "render", "up", "down", "status", "logs", "cancel"}
 
 
 def main(argv: list[str] | None = None) -> None:

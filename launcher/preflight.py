@@ -15,10 +15,13 @@ from trainers.ds_config import DeepSpeedConfigError, deepspeed_config
 from trainers.spec import AnyRun, ZeroSpec
 
 
-def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False) -> dict:
+def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool = False) -> dict:
     """Offline checks (used by `launch validate`): the DeepSpeed config resolves from the
-    spec and the local files it names exist. Returns the resolved DeepSpeed config."""
+    spec and the local files it names exist (on a remote cluster: that it names none, as
+    the pods cannot read this machine's files). Returns the resolved DeepSpeed config."""
     issues: list[SpecIssue] = []
+    if remote:
+        issues += _local_paths_on_remote(spec)
     ds_cfg: dict = {}
     try:
         ds_cfg = deepspeed_config(spec, use_gpu=use_gpu)
@@ -34,6 +37,20 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False) -> dict:
     if issues:
         raise SpecError(source, issues)
     return ds_cfg
+
+
+def _local_paths_on_remote(spec: AnyRun) -> list[SpecIssue]:
+    hint = "a remote cluster cannot read this machine's files: use s3:// (or a hub id for models and data)"
+    issues = []
+    if "://" not in spec.checkpoint.storage:
+        issues.append(SpecIssue("checkpoint.storage", hint, spec.checkpoint.storage))
+    if os.path.isabs(spec.model.path):
+        issues.append(SpecIssue("model.path", hint, spec.model.path))
+    for split in ("train", "eval"):
+        for i, ds in enumerate(getattr(spec.data, split)):
+            if os.path.isabs(ds.path):
+                issues.append(SpecIssue(f"data.{split}[{i}].path", hint, ds.path))
+    return issues
 
 
 def _looks_local(path: str) -> bool:
@@ -62,11 +79,13 @@ def check_storage(spec: AnyRun) -> None:
     try:
         storage.check_writable(target)
     except storage.StorageError as e:
-        raise StorageError(f"checkpoint.storage: {e}", hint=getattr(e, "hint", None)) from None
+        raise StorageError(f"checkpoint.storage: {getattr(e, 'message', e)}", hint=getattr(e, "hint", None)) from None
 
 
 def check_resources(spec: AnyRun, status: ClusterStatus) -> None:
-    """The workers fit the cluster (a run that cannot be placed would wait forever)."""
+    """The workers fit the cluster (a run that cannot be placed would wait forever).
+    `status.resources` is what the cluster can provide: the live total for a local head,
+    the worker groups at their maximum size for an autoscaling Kubernetes cluster."""
     r = spec.resources
     have_cpu, have_gpu = status.resources.get("CPU", 0), status.resources.get("GPU", 0)
     gpus = r.gpus_per_worker if r.gpus_per_worker != "auto" else (1 if have_gpu else 0)

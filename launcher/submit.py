@@ -37,6 +37,9 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
         env.update({k: v for k, v in os.environ.items() if k.startswith(LOCAL_PASSTHROUGH_PREFIXES)})
         if "LLMLAUNCH_HOME" in os.environ:  # the model cache lives there too
             env["LLMLAUNCH_HOME"] = os.environ["LLMLAUNCH_HOME"]
+    if spec.secrets and not local:
+        raise UsageError("secrets: on a remote cluster secrets come from the cluster, not the launcher",
+                         hint="put them in the cluster definition's storage_secret (a Kubernetes Secret)")
     missing = [name for name in spec.secrets if name not in os.environ]
     if missing:
         raise UsageError(f"secrets: {', '.join(missing)} not set in this environment",
@@ -53,6 +56,22 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
     # tqdm bars from Ray Data are unreadable once interleaved in a log stream.
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     return env
+
+
+def wait_for_job(address: str, job_id: str, timeout_s: float = 600) -> None:
+    """Wait until a job submitted by someone else (KubeRay's submitter) is known."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.get_job_info(job_id)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def submit(address: str, spec: AnyRun, run_id: str, *, local: bool) -> str:
