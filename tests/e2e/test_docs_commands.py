@@ -26,6 +26,12 @@ RUN_ELSEWHERE = {
     ". .venv/bin/activate": "a shell builtin; the tests call the same .venv's launcher",
     "launch down local": "the launch_home fixture's teardown, which asserts it",
     "launch schema --markdown > docs/run-spec.md": "test_run_spec_page_is_current",
+    # these need a real Kubernetes cluster with KubeRay (none can run here)
+    "launch up prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    "launch status prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    "launch run.yaml --cluster prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    "launch run.yaml --cluster prod --ephemeral": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    "launch down prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
 }
 
 
@@ -52,6 +58,8 @@ TESTED = {
     "launch cancel <JOB>",
     "export AWS_ENDPOINT_URL=http://127.0.0.1:9000 AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...",
     "launch configs/examples/quickstart.yaml checkpoint.storage=s3://my-bucket/runs",
+    "launch render configs/examples/quickstart.yaml --cluster prod",
+    "launch render configs/examples/quickstart.yaml --cluster prod --ephemeral",
 }
 
 
@@ -177,3 +185,15 @@ def test_every_shipped_config_validates(tmp_path):
         spec = load_spec(REPO / "configs/examples/quickstart.yaml", [f"train.deepspeed={path}"])
         cfg = deepspeed_config(spec, use_gpu=False, total_steps=100, hidden_size=64)
         assert ds_check.check(cfg) is None, path
+
+
+@pytest.mark.parametrize("command,kinds", [
+    ("launch render configs/examples/quickstart.yaml --cluster prod", ["RayCluster"]),
+    ("launch render configs/examples/quickstart.yaml --cluster prod --ephemeral", ["RayJob", "ConfigMap"]),
+])
+def test_kubernetes_doc_render_commands(tmp_path, command, kinds):
+    import yaml
+
+    proc = shell(command, str(tmp_path))
+    assert_ok(proc)
+    assert [d["kind"] for d in yaml.safe_load_all(proc.stdout)] == kinds
