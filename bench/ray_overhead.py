@@ -26,6 +26,7 @@ A benchmark, not a test: nothing here asserts on time. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -443,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     try:
         t = time.time()
-        prep = prepare(args, tmp)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import-time warning; keep stdout for results
+            prep = prepare(args, tmp)
         log(f"prepared model, DeepSpeed config and {prep['info']['rows_used']} rows in {time.time() - t:.1f}s")
         reps = []
         load_before = os.getloadavg()[0]

@@ -214,7 +214,10 @@ def status(
     from launcher.clusters import load_cluster
 
     definition = load_cluster(cluster)
-    st = provider(definition.kind).status(definition)
+    prov = provider(definition.kind)
+    st = prov.status(definition)
+    if st.running and st.address is None:  # kubernetes: reached through a port-forward
+        st.address = prov.address(definition)
     jobs = []
     if st.running:
         from ray.job_submission import JobSubmissionClient
@@ -232,6 +235,8 @@ def status(
         return
     res = ", ".join(f"{k} {v:g}" if k in ("CPU", "GPU") else f"{k} {v / 2**30:.1f} GiB" for k, v in st.resources.items())
     _say(f"{st.name} ({st.kind}) at {st.address}: {len(st.nodes)} node(s); {res}")
+    for node in st.nodes:
+        _say("  " + "  ".join(f"{k}={v}" for k, v in node.items() if v is not None))
     for j in jobs[-20:]:
         _say(f"  {j['job']:<48} {j['status']:<10} {j['message']}")
 
