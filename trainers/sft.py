@@ -57,21 +57,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for step, micro in data.micro_batches(train_shard, micro_batch_size=spec.train.micro_batch_size,
                                           grad_accum=spec.grad_accum_steps, start_step=state.step,
                                           total_steps=total_steps, steps_per_epoch=steps_per_epoch):
-        loss_sum = torch.zeros((), dtype=torch.float32)
+        # Kept on the device and counted before the copy: no GPU sync per micro-batch.
+        loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
         for batch in micro:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            window_tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
-            loss_sum += loss.detach().float().cpu()
-            window_tokens += int(batch["attention_mask"].sum())
+            loss_sum += loss.detach().float()
         state.step = step + 1
         state.epoch = step // steps_per_epoch
         done = state.step == total_steps
 
         if state.step % spec.train.log_every == 0 or done:
-            loss_avg = _mean_over_ranks(loss_sum / len(micro), engine.device)
-            tokens = int(_sum_over_ranks(float(window_tokens), engine.device))
+            loss_avg, tokens = _reduce_window(loss_sum / len(micro), window_tokens, engine.device)
             elapsed = time.perf_counter() - window_start
             state.tokens_seen += tokens
             metrics = {"step": state.step, "epoch": state.epoch, "loss": round(loss_avg, 6),
@@ -116,16 +116,11 @@ def _hidden_size(model_dir: str, trust_remote_code: bool) -> int | None:
     return getattr(cfg, "hidden_size", None)
 
 
-def _mean_over_ranks(x, device) -> float:
-    import torch.distributed as dist
-
-    return _sum_over_ranks(float(x), device) / dist.get_world_size()
-
-
-def _sum_over_ranks(x: float, device) -> float:
+def _reduce_window(loss, tokens: int, device) -> tuple[float, int]:
+    """(mean loss over ranks, tokens summed over ranks) in one all-reduce."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([x], dtype=torch.float64, device=device)  # nccl reduces only GPU tensors
-    dist.all_reduce(t)
-    return float(t)
+    t = torch.stack([loss.double().reshape(()), torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+    dist.all_reduce(t)  # on the engine's device: nccl reduces only GPU tensors
+    return float(t[0]) / dist.get_world_size(), int(t[1])
