@@ -23,6 +23,7 @@ from cluster.kubernetes_spec import KubernetesCluster
 GROUP, VERSION = API_VERSION.split("/")
 DASHBOARD_PORT = 8265
 HEAD_READY_TIMEOUT_S = 900
+POLL_S = 2.0
 INSTALL_HINT = ("install the KubeRay operator (v1.7.0) first: "
                 "`helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0`; see k8s/README.md")
 RBAC_HINT = "an admin applies k8s/rbac.yaml and binds your user or ServiceAccount to the `llmlaunch` Role"
@@ -86,7 +87,8 @@ def _apis():
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
         else:
-            config.load_kube_config()
+            # The client reads KUBECONFIG once, at import: read it at call time instead.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
     except (ConfigException, FileNotFoundError) as e:
         raise ProviderError(f"no Kubernetes credentials: {e}",
                             hint="set KUBECONFIG or a current context (`kubectl config current-context`)") from None
@@ -160,7 +162,7 @@ def _wait_head(definition: KubernetesCluster, cluster_name: str, on_progress, ti
             if phase != last:
                 on_progress(f"head pod {pod['metadata']['name']}: {phase}")
                 last = phase
-        time.sleep(2)
+        time.sleep(POLL_S)
     raise ProviderError(f"the head pod of {cluster_name} was not ready within {timeout_s:.0f}s",
                         hint=f"`kubectl -n {definition.namespace} get pods -l ray.io/cluster={cluster_name}`")
 
@@ -294,7 +296,7 @@ def run_ephemeral(definition: KubernetesCluster, *, spec_json: str, run_name: st
         job = _call(custom.get_namespaced_custom_object, f"reading RayJob {name}", GROUP, VERSION,
                     definition.namespace, "rayjobs", name)
         cluster_name = (job.get("status") or {}).get("rayClusterName")
-        time.sleep(0 if cluster_name else 2)
+        time.sleep(0 if cluster_name else POLL_S)
     on_progress(f"RayJob {name}: cluster {cluster_name}")
     _wait_head(definition, cluster_name, on_progress)
     return _reach(definition, cluster_name, on_progress), rayjob["spec"]["jobId"]
