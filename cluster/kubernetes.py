@@ -63,10 +63,11 @@ def is_ready(pod: dict[str, Any]) -> bool:
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-def api_error(e: Exception, what: str) -> ProviderError:
-    """A kubernetes ApiException (or connection error) as a ProviderError with a hint."""
+def api_error(e: Exception, what: str, ray_resource: bool = False) -> ProviderError:
+    """A kubernetes ApiException (or connection error) as a ProviderError with a hint.
+    A 404 on a ray.io resource means the KubeRay CRDs are missing."""
     status = getattr(e, "status", None)
-    if status == 404:
+    if status == 404 and ray_resource:
         return ProviderError(f"{what}: the ray.io/v1 API is not served by this cluster", hint=INSTALL_HINT)
     if status in (401, 403):
         return ProviderError(f"{what}: permission denied ({status}): {getattr(e, 'reason', '')}", hint=RBAC_HINT)
@@ -95,20 +96,22 @@ def _apis():
     return client.CustomObjectsApi(), client.CoreV1Api(), client.ApiClient()
 
 
-def _call(fn: Callable, what: str, *args, **kwargs):
+def _call(fn: Callable, what: str, *args, ray_resource: bool = False, **kwargs):
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
     try:
         return fn(*args, **kwargs)
     except ApiException as e:
-        raise api_error(e, what) from None
+        raise api_error(e, what, ray_resource) from None
     except (HTTPError, OSError) as e:
         raise api_error(e, what) from None
 
 
-def apply(definition: KubernetesCluster, body: dict[str, Any], plural: str, on_progress=print) -> dict[str, Any]:
-    """Create the object, or patch it when it exists (a changed definition updates the cluster)."""
+def apply(definition: KubernetesCluster, body: dict[str, Any], plural: str, on_progress=print,
+          update: bool = True) -> dict[str, Any]:
+    """Create the object; when it exists, patch it (`update`: a changed definition updates
+    the cluster, as `launch up` does) or leave it as it is (a run reusing a shared cluster)."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
@@ -120,12 +123,15 @@ def apply(definition: KubernetesCluster, body: dict[str, Any], plural: str, on_p
         return created
     except ApiException as e:
         if e.status != 409:
-            raise api_error(e, f"creating {body['kind']} {ns}/{name}") from None
+            raise api_error(e, f"creating {body['kind']} {ns}/{name}", ray_resource=True) from None
     except (HTTPError, OSError) as e:
         raise api_error(e, f"creating {body['kind']} {ns}/{name}") from None
+    if not update:
+        on_progress(f"{body['kind']} {ns}/{name} exists; using it as it is (`launch up` applies changes)")
+        return body
     patched = _call(custom.patch_namespaced_custom_object, f"updating {body['kind']} {ns}/{name}",
                     GROUP, VERSION, ns, plural, name, {"metadata": {"labels": body["metadata"]["labels"]},
-                                                       "spec": body["spec"]})
+                                                       "spec": body["spec"]}, ray_resource=True)
     on_progress(f"{body['kind']} {ns}/{name} exists; applied the definition to it")
     return patched
 
@@ -138,9 +144,9 @@ def head_pod(definition: KubernetesCluster, cluster_name: str) -> dict[str, Any]
     return items[0] if items else None
 
 
-def up(definition: KubernetesCluster, on_progress=print) -> str:
+def up(definition: KubernetesCluster, on_progress=print, update: bool = True) -> str:
     body = render(definition)[0]
-    apply(definition, body, "rayclusters", on_progress)
+    apply(definition, body, "rayclusters", on_progress, update=update)
     _wait_head(definition, definition.name, on_progress)
     return _reach(definition, definition.name, on_progress)
 
@@ -253,7 +259,7 @@ def down(definition: KubernetesCluster) -> bool:
     except ApiException as e:
         if e.status == 404:
             return False
-        raise api_error(e, what) from None
+        raise api_error(e, what, ray_resource=True) from None
     except (HTTPError, OSError) as e:
         raise api_error(e, what) from None
 
@@ -278,11 +284,29 @@ def run_ephemeral(definition: KubernetesCluster, *, spec_json: str, run_name: st
                   env: dict[str, str], on_progress=print) -> tuple[str, str]:
     """Apply a RayJob (+ its spec ConfigMap), wait for its cluster's head; returns the Jobs
     API address and the Ray job id KubeRay submits the run under."""
-    from cluster.kubernetes_render import owned_by, render_rayjob
+    from cluster.kubernetes_render import render_rayjob
 
     rayjob, spec_map = render_rayjob(definition, spec_json=spec_json, run_name=run_name, run_id=run_id,
                                      owner=owner(), env=env)
     created = apply(definition, rayjob, "rayjobs", on_progress)
+    try:
+        return _start_ephemeral(definition, rayjob, spec_map, created, on_progress)
+    except BaseException:
+        # Abandoned half-way (an error, Ctrl-C): do not leave GPU pods waiting for nothing.
+        name = rayjob["metadata"]["name"]
+        custom, _, _ = _apis()
+        try:
+            custom.delete_namespaced_custom_object(GROUP, VERSION, definition.namespace, "rayjobs", name)
+            on_progress(f"deleted RayJob {definition.namespace}/{name}")
+        except Exception:
+            on_progress(f"could not delete RayJob {definition.namespace}/{name}: "
+                        f"`kubectl -n {definition.namespace} delete rayjob {name}`")
+        raise
+
+
+def _start_ephemeral(definition, rayjob, spec_map, created, on_progress) -> tuple[str, str]:
+    from cluster.kubernetes_render import owned_by
+
     custom, core, _ = _apis()
     _call(core.create_namespaced_config_map, "creating the run spec ConfigMap", definition.namespace,
           owned_by(spec_map, created))
@@ -294,7 +318,7 @@ def run_ephemeral(definition: KubernetesCluster, *, spec_json: str, run_name: st
             raise ProviderError(f"RayJob {name} created no RayCluster within {HEAD_READY_TIMEOUT_S}s",
                                 hint=f"`kubectl -n {definition.namespace} describe rayjob {name}`")
         job = _call(custom.get_namespaced_custom_object, f"reading RayJob {name}", GROUP, VERSION,
-                    definition.namespace, "rayjobs", name)
+                    definition.namespace, "rayjobs", name, ray_resource=True)
         cluster_name = (job.get("status") or {}).get("rayClusterName")
         time.sleep(0 if cluster_name else POLL_S)
     on_progress(f"RayJob {name}: cluster {cluster_name}")

@@ -12,6 +12,12 @@ import typer
 
 from launcher.errors import Interrupted, LaunchError, UsageError
 
+
+def for_cluster(spec):
+    from launcher.config import for_cluster as dump
+
+    return dump(spec)
+
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -49,6 +55,12 @@ def run(
     kube = definition.kind == "kubernetes"
     if ephemeral and not kube:
         raise UsageError(f"--ephemeral needs a kubernetes cluster; {cluster} is {definition.kind}")
+    if kube and spec.resources.gpus_per_worker == "auto":
+        # Decided here, from what the groups can provide: an autoscaling cluster at zero
+        # replicas shows no GPUs to the job, which would then train on CPUs.
+        from cluster.kubernetes import capacity
+
+        spec.resources.gpus_per_worker = 1 if capacity(definition)["GPU"] else 0
     ds_cfg = preflight.check_spec(spec, str(spec_file), remote=kube)
     run_id = submit.new_run_id()
     if dry_run:
@@ -69,11 +81,12 @@ def run(
         from cluster.kubernetes import run_ephemeral
 
         env = {k: v for k, v in submit.job_env(spec, run_id, local=False).items() if k not in _BY_REFERENCE}
-        address, job_id = run_ephemeral(definition, spec_json=json.dumps(spec.model_dump(mode="json")),
+        address, job_id = run_ephemeral(definition, spec_json=json.dumps(for_cluster(spec)),
                                         run_name=spec.name, run_id=run_id, env=env, on_progress=_say)
         submit.wait_for_job(address, job_id)
     else:
-        address = prov.up(definition, on_progress=_say)
+        # A run uses a shared cluster as it is; `launch up` is what applies definition changes.
+        address = prov.up(definition, on_progress=_say, **({"update": False} if kube else {}))
         if not kube:
             preflight.check_resources(spec, prov.status(definition))
         job_id = submit.submit(address, spec, run_id, local=not kube)
@@ -98,7 +111,7 @@ def _manifests(definition, spec, run_id: str, ephemeral: bool) -> list[dict]:
     if not ephemeral:
         return kubernetes.render(definition)
     env = {k: v for k, v in submit.job_env(spec, run_id, local=False).items() if k not in _BY_REFERENCE}
-    return render_rayjob(definition, spec_json=json.dumps(spec.model_dump(mode="json")), run_name=spec.name,
+    return render_rayjob(definition, spec_json=json.dumps(for_cluster(spec)), run_name=spec.name,
                          run_id=run_id, owner=kubernetes.owner(), env=env)
 
 
@@ -121,6 +134,9 @@ def render(
     if definition.kind != "kubernetes":
         raise UsageError(f"--cluster {cluster} is {definition.kind}: it has no manifests",
                          hint="`launch run --dry-run` shows what a local run would do")
+    from launcher import preflight
+
+    preflight.check_spec(spec, str(spec_file), remote=True)
     run_id = submit.new_run_id()
     docs = _manifests(definition, spec, run_id, ephemeral)
     print(yaml.safe_dump_all(docs, sort_keys=False), end="")
@@ -332,6 +348,12 @@ def main(argv: list[str] | None = None) -> None:
         if e.hint:
             _say(f"hint: {e.hint}")
         sys.exit(e.exit_code)
+    except ConnectionError as e:  # the Jobs API went away (head restarted, port-forward lost)
+        if debug:
+            raise
+        _say(f"error: lost the connection to the cluster: {e}")
+        _say("hint: `launch status` shows the cluster; the job may still be running")
+        sys.exit(3)
     except Exception as e:
         from click.exceptions import Abort, ClickException
 

@@ -241,3 +241,13 @@ def issues_from_validation_error(exc: ValidationError, root: Any) -> list[SpecIs
         key = f"{path}\0{message}" if path in issues else path
         issues[key] = SpecIssue(path, message, value, suggestion)
     return list(issues.values())
+
+
+def for_cluster(spec) -> dict[str, Any]:
+    """The spec as sent to a cluster: a DeepSpeed JSON file named by `train.deepspeed` is
+    sent as its content, since the cluster has no copy of this machine's file."""
+    data = spec.model_dump(mode="json")
+    ds = data["train"]["deepspeed"]
+    if isinstance(ds, str) and not ds.lstrip().startswith("{") and os.path.isfile(ds):
+        data["train"]["deepspeed"] = Path(ds).read_text()
+    return data

@@ -22,6 +22,13 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
     issues: list[SpecIssue] = []
     if remote:
         issues += _local_paths_on_remote(spec)
+        from cluster.kubernetes_spec import looks_secret
+
+        issues += [SpecIssue(f"env.{name}", "looks like a credential: on a remote cluster it would sit in the job's "
+                             "runtime_env in plain text; put it in the cluster's storage_secret") for name in spec.env
+                   if looks_secret(name)]
+    gpus = spec.resources.gpus_per_worker
+    use_gpu = use_gpu or remote or (isinstance(gpus, int) and gpus > 0)
     ds_cfg: dict = {}
     try:
         ds_cfg = deepspeed_config(spec, use_gpu=use_gpu)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import trainers
-from launcher.errors import UsageError
+from launcher.config import for_cluster
+from launcher.errors import LaunchTimeout, UsageError
 from trainers.entry import RUN_ID_ENV, SPEC_ENV
 from trainers.spec import AnyRun
 
@@ -45,7 +46,7 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
         raise UsageError(f"secrets: {', '.join(missing)} not set in this environment",
                          hint="on --cluster local, secrets are read from the launcher's environment")
     env.update({name: os.environ[name] for name in spec.secrets})
-    env[SPEC_ENV] = json.dumps(spec.model_dump(mode="json"))
+    env[SPEC_ENV] = json.dumps(for_cluster(spec))
     env[RUN_ID_ENV] = run_id
     # Ray Train's controller polls workers at this interval; the 2 s default adds idle
     # seconds to every run's start and end.
@@ -70,7 +71,8 @@ def wait_for_job(address: str, job_id: str, timeout_s: float = 600) -> None:
             return
         except RuntimeError:
             if time.monotonic() > deadline:
-                raise
+                raise LaunchTimeout(f"job {job_id} did not appear on the cluster within {timeout_s:.0f}s",
+                                    hint="KubeRay's submitter may be failing: `kubectl get rayjobs`") from None
             time.sleep(2)
 
 

@@ -67,18 +67,23 @@ def complete_checkpoints(run: str) -> list[str]:
 
 
 def find_resume(storage_uri: str, name: str) -> str | None:
-    """The newest complete checkpoint among this name's unfinished runs (`resume: auto`)."""
-    best: tuple[float, str] | None = None
+    """`resume: auto`: the newest complete checkpoint of any run of this name, unless the
+    run that wrote it finished (then the work is done and a new run starts fresh).
+
+    Newest over all runs, not only unfinished ones: after run A is interrupted and run B
+    resumes from it and finishes, B's final checkpoint is the newest, so A is never resumed
+    again; if B dies before its first checkpoint, A's is still the newest."""
+    best: tuple[float, str, str] | None = None
     base = storage.join(storage_uri, name)
     for run_id in storage.list_dir(base):
         run = storage.join(base, run_id)
-        if storage.exists(storage.join(run, RESULT)):
-            continue  # finished runs are not resumed; a re-run starts fresh
         for ckpt in complete_checkpoints(run):
             created = json.loads(storage.read_text(storage.join(ckpt, MANIFEST)))["created_at"]
             if best is None or created > best[0]:
-                best = (created, ckpt)
-    return best[1] if best else None
+                best = (created, ckpt, run)
+    if best is None or storage.exists(storage.join(best[2], RESULT)):
+        return None
+    return best[1]
 
 
 # ---------------------------------------------------------------- saving (workers)

@@ -46,12 +46,13 @@ def deepspeed_config(
 ) -> dict[str, Any]:
     """The DeepSpeed config dict for this spec. Values that need `total_steps` or
     `hidden_size` stay `"auto"` while those are None. Raises DeepSpeedConfigError."""
-    if isinstance(spec.train.deepspeed, ZeroSpec):
-        cfg = _from_shorthand(spec.train.deepspeed, use_gpu)
-        source = "train.deepspeed"
+    ds = spec.train.deepspeed
+    if isinstance(ds, ZeroSpec):
+        cfg, source = _from_shorthand(ds, use_gpu), "train.deepspeed"
+    elif ds.lstrip().startswith("{"):  # the JSON text itself (inlined by the launcher)
+        cfg, source = _parse_json(ds, "train.deepspeed (inline JSON)"), "train.deepspeed (inline JSON)"
     else:
-        source = spec.train.deepspeed
-        cfg = load_json(source)
+        cfg, source = load_json(ds), ds
     problems: list[tuple[str, str]] = []
     _resolve(cfg, spec, use_gpu, total_steps, hidden_size, problems)
     if problems:
@@ -61,13 +62,19 @@ def deepspeed_config(
 
 def load_json(path: str) -> dict[str, Any]:
     try:
-        cfg = json.loads(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise DeepSpeedConfigError(path, [("(file)", "not found; give a path relative to the spec file")]) from None
+    return _parse_json(text, path)
+
+
+def _parse_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        cfg = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DeepSpeedConfigError(path, [(f"line {e.lineno}", f"invalid JSON: {e.msg}")]) from None
+        raise DeepSpeedConfigError(source, [(f"line {e.lineno}", f"invalid JSON: {e.msg}")]) from None
     if not isinstance(cfg, dict):
-        raise DeepSpeedConfigError(path, [("(file)", "must be a JSON object")])
+        raise DeepSpeedConfigError(source, [("(file)", "must be a JSON object")])
     return cfg
 
 
@@ -140,6 +147,9 @@ def _resolve(cfg, spec, use_gpu, total_steps, hidden_size, problems) -> None:
     if dtype in ("bfloat16", "float16") and not use_gpu:
         problems.append(("bf16.enabled" if dtype == "bfloat16" else "fp16.enabled",
                          f"model.dtype {dtype} needs GPUs; use model.dtype: auto or float32 on CPU workers"))
+    if _has(cfg, "optimizer") and not _has(cfg, "scheduler"):
+        problems.append(("scheduler", "a config with an `optimizer` block needs a `scheduler` block too "
+                                      "(or remove both: the trainer then builds AdamW and the spec's schedule)"))
     if _has(cfg, "zero_optimization.offload_param") and _get(cfg, "zero_optimization.stage") != 3:
         problems.append(("zero_optimization.offload_param", "parameter offload needs ZeRO stage 3"))
     if _get(cfg, "zero_optimization.stage") == 3:

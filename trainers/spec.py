@@ -126,7 +126,9 @@ class TrainSpec(Strict):
     Default: micro_batch_size x workers."""
     deepspeed: Union[ZeroSpec, str] = ZeroSpec()
     """ZeRO shorthand (`{stage: 3, offload_optimizer: true}`) or a path to a DeepSpeed JSON;
-    Hugging Face style `"auto"` values in it are filled from this spec."""
+    Hugging Face style `"auto"` values in it are filled from this spec. The JSON text itself
+    (starting with `{`) is accepted too: the launcher sends a file's content that way, so the
+    cluster needs no copy of the file."""
     seed: int = 42
     """Seed for weights of new modules, shuffling and dropout."""
     log_every: int = Field(1, gt=0)
@@ -163,8 +165,15 @@ class CheckpointSpec(Strict):
     keep: int = Field(2, gt=0)
     """Checkpoints kept per run; older ones are deleted."""
     resume: str = "auto"
-    """`auto`: continue from the newest complete checkpoint of an unfinished run of this
-    `name`; `never`: start fresh; or the URI of a checkpoint directory."""
+    """`auto`: continue from the newest complete checkpoint of this `name` unless the run
+    that wrote it finished; `never`: start fresh; or the URI / absolute path of a checkpoint."""
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_mode(cls, v: str) -> str:
+        if v not in ("auto", "never") and "://" not in v and not v.startswith("/"):
+            raise ValueError("use auto, never, or the URI (s3://...) or absolute path of a checkpoint directory")
+        return v
 
 
 class _RunBase(Strict):

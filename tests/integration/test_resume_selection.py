@@ -41,14 +41,20 @@ def test_partial_checkpoints_are_never_chosen(base):
     assert checkpoint.find_resume(base, "exp") == complete
 
 
-def test_newest_complete_checkpoint_across_unfinished_runs(base):
+def test_newest_complete_checkpoint_across_runs(base):
     older = make_checkpoint(storage.join(base, "exp", "run-a"), 50, created_at=100)
+    assert checkpoint.find_resume(base, "exp") == older
     newer = make_checkpoint(storage.join(base, "exp", "run-b"), 10, created_at=200)
     assert checkpoint.find_resume(base, "exp") == newer
-    # a finished run is never resumed: a re-run of a finished run starts fresh
-    storage.write_text(storage.join(base, "exp", "run-b", checkpoint.RESULT), "{}")
-    assert checkpoint.find_resume(base, "exp") == older
     assert checkpoint.find_resume(base, "other-name") is None
+
+
+def test_a_finished_lineage_is_never_resumed(base):
+    """A interrupted, B resumed from it and finished: the next run starts fresh, never from A."""
+    make_checkpoint(storage.join(base, "exp", "run-a"), 20, created_at=100)
+    make_checkpoint(storage.join(base, "exp", "run-b"), 40, created_at=200)
+    storage.write_text(storage.join(base, "exp", "run-b", checkpoint.RESULT), "{}")
+    assert checkpoint.find_resume(base, "exp") is None
 
 
 def test_truncated_file_makes_a_checkpoint_incomplete(base):

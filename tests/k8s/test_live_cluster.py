@@ -19,16 +19,17 @@ CLUSTER = os.environ.get("LLMLAUNCH_TEST_CLUSTER", "prod")
 
 
 def test_up_status_run_down(launch):
-    assert launch("up", CLUSTER, timeout=1800).returncode == 0
-    status = launch("status", CLUSTER, "--json")
+    """The local S3 server's credentials are not passed (s3=False): the pods use the storage Secret."""
+    assert launch("up", CLUSTER, timeout=1800, s3=False).returncode == 0
+    status = launch("status", CLUSTER, "--json", s3=False)
     assert status.returncode == 0 and '"running": true' in status.stdout
     storage = os.environ["LLMLAUNCH_TEST_STORAGE"]
     run = launch("configs/examples/quickstart.yaml", "--cluster", CLUSTER, f"checkpoint.storage={storage}",
                  "model.path=" + os.environ.get("LLMLAUNCH_TEST_MODEL", "s3://llmlaunch-test/tiny-llama"),
                  "data.train[0].path=" + os.environ.get("LLMLAUNCH_TEST_DATA", "s3://llmlaunch-test/messages.jsonl"),
-                 timeout=3600)
+                 timeout=3600, s3=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert launch("down", CLUSTER).returncode == 0
+    assert launch("down", CLUSTER, s3=False).returncode == 0
 
 
 def test_ephemeral_run(launch):
@@ -37,5 +38,5 @@ def test_ephemeral_run(launch):
                  f"checkpoint.storage={storage}",
                  "model.path=" + os.environ.get("LLMLAUNCH_TEST_MODEL", "s3://llmlaunch-test/tiny-llama"),
                  "data.train[0].path=" + os.environ.get("LLMLAUNCH_TEST_DATA", "s3://llmlaunch-test/messages.jsonl"),
-                 timeout=3600)
+                 timeout=3600, s3=False)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -45,9 +45,14 @@ def test_crash_loop_is_reported_and_a_starting_pod_is_not():
     (500, "answered 500", None),
 ])
 def test_api_errors_become_messages_with_hints(status, expected, hint):
-    err = k8s.api_error(ApiException(status=status, reason="x"), "creating RayCluster ml/prod")
+    err = k8s.api_error(ApiException(status=status, reason="x"), "creating RayCluster ml/prod", ray_resource=True)
     assert expected in str(err) and str(err).startswith("creating RayCluster ml/prod")
     assert (hint in err.hint) if hint else err.hint is None
+
+
+def test_a_404_on_a_core_object_is_not_blamed_on_missing_crds():
+    err = k8s.api_error(ApiException(status=404, reason="NotFound"), "listing pods")
+    assert "ray.io" not in str(err) and err.hint is None
 
 
 def test_capacity_is_the_worker_groups_at_maximum_size():
