@@ -20,6 +20,7 @@ import trainers
 from launcher.config import for_cluster
 from launcher.errors import LaunchTimeout, UsageError
 from trainers.entry import RUN_ID_ENV, SPEC_ENV
+from trainers.secrets_env import SECRETS_FILE_ENV
 from trainers.spec import AnyRun
 
 # Variables a local cluster passes through from the launcher's environment: storage
@@ -33,11 +34,11 @@ def new_run_id() -> str:
 
 
 def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
+    """The job's environment. Credential values never go in it (Ray logs runtime_envs): on a
+    local cluster they go to a 0600 file whose path the job gets (trainers.secrets_env)."""
+    from cluster.kubernetes_spec import looks_secret
+
     env = dict(spec.env)
-    if local:
-        env.update({k: v for k, v in os.environ.items() if k.startswith(LOCAL_PASSTHROUGH_PREFIXES)})
-        if "LLMLAUNCH_HOME" in os.environ:  # the model cache lives there too
-            env["LLMLAUNCH_HOME"] = os.environ["LLMLAUNCH_HOME"]
     if spec.secrets and not local:
         raise UsageError("secrets: on a remote cluster secrets come from the cluster, not the launcher",
                          hint="put them in the cluster definition's storage_secret (a Kubernetes Secret)")
@@ -45,7 +46,15 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
     if missing:
         raise UsageError(f"secrets: {', '.join(missing)} not set in this environment",
                          hint="on --cluster local, secrets are read from the launcher's environment")
-    env.update({name: os.environ[name] for name in spec.secrets})
+    if local:
+        passed = {k: v for k, v in os.environ.items() if k.startswith(LOCAL_PASSTHROUGH_PREFIXES)}
+        passed.update({name: os.environ[name] for name in spec.secrets})
+        secret = {k: v for k, v in passed.items() if looks_secret(k) or k in spec.secrets}
+        env.update({k: v for k, v in passed.items() if k not in secret})
+        if secret:
+            env[SECRETS_FILE_ENV] = _write_secrets(secret, run_id)
+        if "LLMLAUNCH_HOME" in os.environ:  # the model cache lives there too
+            env["LLMLAUNCH_HOME"] = os.environ["LLMLAUNCH_HOME"]
     env[SPEC_ENV] = json.dumps(for_cluster(spec))
     env[RUN_ID_ENV] = run_id
     # Ray Train's controller polls workers at this interval; the 2 s default adds idle
@@ -57,6 +66,16 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
     # tqdm bars from Ray Data are unreadable once interleaved in a log stream.
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     return env
+
+
+def _write_secrets(values: dict[str, str], run_id: str) -> str:
+    directory = Path(os.environ.get("LLMLAUNCH_HOME", "~/.cache/llmlaunch")).expanduser() / "local" / "secrets"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / f"{run_id}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(values, f)
+    return str(path)
 
 
 def wait_for_job(address: str, job_id: str, timeout_s: float = 600) -> None:

@@ -119,8 +119,9 @@ class Prepared:
 def _tokenizer(model_path: str, trust_remote_code: bool):
     """Loaded once per Ray worker process. Tasks may run on any node, so an `s3://` model's
     tokenizer files are fetched (once per node, without weights) where the task runs."""
-    from trainers import models
+    from trainers import models, secrets_env
 
+    secrets_env.load()  # an s3:// model: this task may run in a process that has not loaded them
     return models.load_tokenizer(models.local_model_dir(model_path, weights=False), trust_remote_code)
 
 

@@ -16,7 +16,7 @@ import time
 
 import yaml
 
-from trainers import checkpoint, data, storage
+from trainers import checkpoint, data, secrets_env, storage
 from trainers.spec import AnyRun, parse_spec
 
 SPEC_ENV = "LLMLAUNCH_SPEC"
@@ -27,6 +27,7 @@ RUN_ID_ENV = "LLMLAUNCH_RUN_ID"
 def main() -> int:
     import ray
 
+    secrets_env.load()
     spec = parse_spec(json.loads(_spec_text()))
     run_id = os.environ[RUN_ID_ENV]
     if not spec.checkpoint.storage:

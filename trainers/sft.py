@@ -11,7 +11,7 @@ import math
 import time
 from typing import Any
 
-from trainers import checkpoint, data, models
+from trainers import checkpoint, data, models, secrets_env
 from trainers.ds_config import deepspeed_config, precision
 from trainers.engine import build_engine, init_distributed, quiet_workers
 from trainers.eval import evaluate
@@ -25,6 +25,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    secrets_env.load()
     quiet_workers()
     spec = parse_spec(config["spec"])
     run, total_steps, steps_per_epoch = config["run_uri"], config["total_steps"], config["steps_per_epoch"]

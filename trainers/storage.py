@@ -229,6 +229,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     `s3://bucket/prefix` -> `(S3FileSystem, "bucket/prefix")` configured from the AWS
     environment (see the module docstring); `file:///p`, `/p`, `~/p`, `p` ->
     `(LocalFileSystem, "/abs/p")`. Any other scheme raises StorageError."""
+    from trainers import secrets_env
+
+    secrets_env.load()  # a local job's credentials arrive by file (trainers.secrets_env)
     return _filesystem(uri)
 
 

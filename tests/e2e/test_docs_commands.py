@@ -197,3 +197,30 @@ def test_kubernetes_doc_render_commands(tmp_path, command, kinds):
     proc = shell(command, str(tmp_path))
     assert_ok(proc)
     assert [d["kind"] for d in yaml.safe_load_all(proc.stdout)] == kinds
+
+
+def test_credentials_never_reach_the_jobs_runtime_env_or_logs(launch_home, s3_server):
+    """On --cluster local the storage secret travels by a 0600 file, not in the runtime_env
+    (which Ray logs and shows in its dashboard): scan every Ray log file and the output."""
+    from tests.fixtures.s3 import make_bucket
+
+    make_bucket(s3_server, "secret-scan")
+    env = {**s3_server.env(), "HF_TOKEN": "hf_sentinel_value_123"}
+    proc = shell("launch configs/examples/quickstart.yaml train.max_steps=2 checkpoint.storage=s3://secret-scan/runs "
+                 "name=secret-scan", launch_home, env)
+    assert_ok(proc)
+    job = re.search(r"submitted job (\S+);", proc.stderr).group(1)
+    info = subprocess.run([*LAUNCH, "status", "--json"], env={**os.environ, "LLMLAUNCH_HOME": launch_home},
+                          cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert job in info
+    secrets = [env["AWS_SECRET_ACCESS_KEY"], "hf_sentinel_value_123"]
+    texts = {"cli output": output(proc)}
+    from cluster import local
+
+    state = json.loads((Path(launch_home) / "local" / "head.json").read_text())
+    for log in Path(state["temp_dir"]).glob("session_latest/logs/**/*"):
+        if log.is_file():
+            texts[str(log)] = log.read_text(errors="replace")
+    assert len(texts) > 5 and local  # the session's Ray logs were found and read
+    leaked = [name for name, text in texts.items() for s in secrets if s in text]
+    assert not leaked, leaked
