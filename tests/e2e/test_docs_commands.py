@@ -29,8 +29,8 @@ RUN_ELSEWHERE = {
     # these need a real Kubernetes cluster with KubeRay (none can run here)
     "launch up prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
     "launch status prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
-    "launch run.yaml --cluster prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
-    "launch run.yaml --cluster prod --ephemeral": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    "launch configs/examples/prod_sft.yaml --cluster prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    "launch configs/examples/prod_sft.yaml --cluster prod --ephemeral": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
     "launch down prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
 }
 
@@ -58,8 +58,8 @@ TESTED = {
     "launch cancel <JOB>",
     "export AWS_ENDPOINT_URL=http://127.0.0.1:9000 AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...",
     "launch configs/examples/quickstart.yaml checkpoint.storage=s3://my-bucket/runs",
-    "launch render configs/examples/quickstart.yaml --cluster prod",
-    "launch render configs/examples/quickstart.yaml --cluster prod --ephemeral",
+    "launch render configs/examples/prod_sft.yaml --cluster prod",
+    "launch render configs/examples/prod_sft.yaml --cluster prod --ephemeral",
 }
 
 
@@ -188,8 +188,8 @@ def test_every_shipped_config_validates(tmp_path):
 
 
 @pytest.mark.parametrize("command,kinds", [
-    ("launch render configs/examples/quickstart.yaml --cluster prod", ["RayCluster"]),
-    ("launch render configs/examples/quickstart.yaml --cluster prod --ephemeral", ["RayJob", "ConfigMap"]),
+    ("launch render configs/examples/prod_sft.yaml --cluster prod", ["RayCluster"]),
+    ("launch render configs/examples/prod_sft.yaml --cluster prod --ephemeral", ["RayJob", "ConfigMap"]),
 ])
 def test_kubernetes_doc_render_commands(tmp_path, command, kinds):
     import yaml

@@ -16,6 +16,7 @@ from tests.conftest import output
 
 pytestmark = pytest.mark.integration
 S3_SPEC = ["configs/examples/quickstart.yaml", "model.path=s3://models/tiny", "data.train[0].path=s3://data/chat.jsonl"]
+RENDER_SPEC = [*S3_SPEC, "checkpoint.storage=s3://runs/llmlaunch"]
 
 
 def closed_port() -> int:
@@ -36,7 +37,7 @@ def kubeconfig(tmp_path, server: str) -> str:
 
 @pytest.mark.parametrize("ephemeral", [False, True])
 def test_render_prints_strictly_valid_manifests(launch, ephemeral):
-    proc = launch("render", *S3_SPEC, "--cluster", "prod", *(["--ephemeral"] if ephemeral else []))
+    proc = launch("render", *RENDER_SPEC, "--cluster", "prod", *(["--ephemeral"] if ephemeral else []))
     assert proc.returncode == 0, output(proc)
     docs = list(yaml.safe_load_all(proc.stdout))
     assert [d["kind"] for d in docs] == (["RayJob", "ConfigMap"] if ephemeral else ["RayCluster"])
