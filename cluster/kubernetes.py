@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable
 
 from cluster import ClusterStatus, ProviderError
-from cluster.kubernetes_render import API_VERSION, render_raycluster
+from cluster.kubernetes_render import API_VERSION, MANAGED_BY, render_raycluster
 from cluster.kubernetes_spec import KubernetesCluster
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -216,6 +216,28 @@ def port_forward(namespace: str, pod: str, remote_port: int) -> int:
 
     threading.Thread(target=serve, daemon=True, name="llmlaunch-port-forward").start()
     return server.getsockname()[1]
+
+
+def job_cluster(definition: KubernetesCluster, job_id: str) -> str | None:
+    """The RayCluster of the ephemeral RayJob that runs Ray job `job_id`, if there is one."""
+    custom, _, _ = _apis()
+    jobs = _call(custom.list_namespaced_custom_object, "listing RayJobs", GROUP, VERSION, definition.namespace,
+                 "rayjobs", label_selector=f"{MANAGED_BY}=llmlaunch", ray_resource=True)
+    for job in jobs.get("items", []):
+        if job.get("spec", {}).get("jobId") == job_id:
+            return (job.get("status") or {}).get("rayClusterName")
+    return None
+
+
+def address_for_job(definition: KubernetesCluster, job_id: str) -> str | None:
+    """Where to reach job `job_id`: its ephemeral cluster, else the persistent one."""
+    cluster_name = job_cluster(definition, job_id)
+    if cluster_name is None:
+        return address(definition)
+    pod = head_pod(definition, cluster_name)
+    if pod is None or not is_ready(pod):
+        return None
+    return _reach(definition, cluster_name, on_progress=lambda _: None)
 
 
 def address(definition: KubernetesCluster) -> str | None:

@@ -188,12 +188,22 @@ def _stop(pid: int, timeout_s: float = 30) -> None:
         pass
 
 
+def _is_our_head(pid: int) -> bool:
+    """The PID still belongs to `ray start` (not another process that reused the number)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return _alive(pid)  # no /proc (macOS): trust the state file
+    return any(part.endswith(b"ray") for part in cmdline) and b"start" in cmdline
+
+
 def down(definition: LocalCluster | None = None) -> bool:
     state = _read_state()
     if not state:
         return False
-    was_running = _alive(state["pid"])
-    _stop(state["pid"])
+    was_running = _alive(state["pid"]) and _is_our_head(state["pid"])
+    if was_running:
+        _stop(state["pid"])
     _state_file().unlink(missing_ok=True)
     return was_running
 

@@ -70,7 +70,9 @@ def run(
         _echo(out, json_out)
         return
     preflight.check_deepspeed_rules(spec, ds_cfg, str(spec_file))
-    preflight.check_storage(spec)
+    warning = preflight.check_storage(spec, remote=kube)
+    if warning:
+        _say(f"warning: {warning}")
     prov = provider(definition.kind)
     if kube:
         from cluster.kubernetes import capacity
@@ -265,7 +267,7 @@ def logs(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Print a job's log (or follow it)."""
-    address = _address(cluster)
+    address = _address(cluster, job_id)
     if follow:
         _follow(address, job_id, [f"cancel:  launch cancel {job_id} --cluster {cluster}"], json_out)
         return
@@ -281,20 +283,25 @@ def logs(
 @app.command()
 def cancel(job_id: str = typer.Argument(..., metavar="JOB"), cluster: str = ClusterOpt) -> None:
     """Stop a running job; its complete checkpoints stay and `resume: auto` continues from them."""
-    address = _address(cluster)  # first: it sets up the cluster's credentials for Ray's clients
+    address = _address(cluster, job_id)  # first: it sets up the cluster's credentials for Ray's clients
     from ray.job_submission import JobSubmissionClient
 
     stopped = _job_call(lambda: JobSubmissionClient(address).stop_job(job_id), job_id)
     _say(f"job {job_id}: stop requested" if stopped else f"job {job_id} was not running")
 
 
-def _address(cluster: str) -> str:
+def _address(cluster: str, job_id: str | None = None) -> str:
     from cluster import provider
     from launcher.clusters import load_cluster
     from launcher.errors import ClusterError
 
     definition = load_cluster(cluster)
-    address = provider(definition.kind).address(definition)
+    if definition.kind == "kubernetes" and job_id:  # an ephemeral run has a cluster of its own
+        from cluster.kubernetes import address_for_job
+
+        address = address_for_job(definition, job_id)
+    else:
+        address = provider(definition.kind).address(definition)
     if address is None:
         raise ClusterError(f"cluster {definition.name} is not running", hint=f"launch up {cluster}")
     return address

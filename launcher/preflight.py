@@ -80,13 +80,20 @@ def check_deepspeed_rules(spec: AnyRun, ds_cfg: dict, source: str) -> None:
                                            "DeepSpeed rejects this config: " + proc.stdout.strip())])
 
 
-def check_storage(spec: AnyRun) -> None:
-    """The run's storage is reachable and writable with the credentials the job will have."""
+def check_storage(spec: AnyRun, *, remote: bool = False) -> str | None:
+    """The run's storage is reachable and writable. On a local cluster the job has this
+    machine's credentials, so a failure is final (exit 2). A remote cluster's pods use its
+    own storage Secret, which this machine cannot see: there a failure is only a warning,
+    returned for the caller to print."""
     target = storage.join(spec.checkpoint.storage, spec.name)
     try:
         storage.check_writable(target)
     except storage.StorageError as e:
-        raise StorageError(f"checkpoint.storage: {getattr(e, 'message', e)}", hint=getattr(e, "hint", None)) from None
+        message = f"checkpoint.storage: {getattr(e, 'message', e)}"
+        if remote:
+            return f"{message} (from this machine; the cluster's pods use its storage Secret)"
+        raise StorageError(message, hint=getattr(e, "hint", None)) from None
+    return None
 
 
 def check_resources(spec: AnyRun, status: ClusterStatus) -> None:

@@ -72,3 +72,13 @@ def test_missing_kubeconfig_exits_3(launch, s3_env, tmp_path):
 def test_ephemeral_needs_a_kubernetes_cluster(launch):
     proc = launch("configs/examples/quickstart.yaml", "--ephemeral")
     assert proc.returncode == 2 and "--ephemeral needs a kubernetes cluster" in proc.stderr
+
+
+def test_storage_unverifiable_from_here_is_a_warning_for_a_remote_cluster(launch, s3_server, tmp_path):
+    """The pods use the cluster's storage Secret, not this machine's keys: the probe from
+    here failing (a bucket these keys cannot see) does not block the run."""
+    cfg = kubeconfig(tmp_path, f"https://127.0.0.1:{closed_port()}")
+    proc = launch(*S3_SPEC, "checkpoint.storage=s3://no-such-bucket-here/runs", "--cluster", "prod",
+                  env={"KUBECONFIG": cfg})
+    assert "warning: checkpoint.storage" in proc.stderr, output(proc)
+    assert proc.returncode == 3  # it went on to the (unreachable) API server

@@ -27,6 +27,7 @@ class FakeApi:
     def __init__(self):
         self.objects: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
+        self.queries: list[str] = []
         self.head_states = ["Pending", "Pending", "Ready"]  # what successive pod lists show
         self.head_problem: dict | None = None
         self.crds_installed = True
@@ -59,10 +60,15 @@ def serve(api: FakeApi):
             return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
 
         def handle_any(self, verb: str):
-            path = urlparse(self.path).path
+            url = urlparse(self.path)
+            path = url.path
             api.requests.append((verb, path))
+            api.queries.append(url.query)
             if path.startswith("/apis/ray.io/") and not api.crds_installed:
                 return self.reply(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+            if path.endswith("/rayjobs") and verb == "GET":
+                return self.reply(200, {"kind": "RayJobList", "apiVersion": "ray.io/v1",
+                                        "items": [o for k, o in api.objects.items() if "/rayjobs/" in k]})
             if path.endswith("/pods") and verb == "GET":
                 return self.reply(200, {"kind": "PodList", "items": [api.head_pod()]})
             if verb == "POST" and path.startswith("/apis/ray.io/"):
@@ -149,3 +155,19 @@ def test_missing_kuberay_crds_give_the_install_hint(fake):
     with pytest.raises(ProviderError, match="ray.io/v1 API is not served") as e:
         k8s.up(load_cluster("prod"), on_progress=lambda _: None)
     assert "helm install kuberay-operator" in e.value.hint
+
+
+def test_logs_and_cancel_of_an_ephemeral_run_reach_the_rayjobs_own_cluster(fake):
+    prod = load_cluster("prod")
+    fake.objects["/apis/ray.io/v1/namespaces/ml-training/rayjobs/quickstart-x"] = {
+        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "quickstart-x"},
+        "spec": {"jobId": "quickstart-20260101-000000-abcd"}, "status": {"rayClusterName": "quickstart-x-7f2kq"}}
+    fake.head_states = ["Ready"]
+    address = k8s.address_for_job(prod, "quickstart-20260101-000000-abcd")
+    assert address.startswith("http://127.0.0.1:")
+    assert any("ray.io%2Fcluster%3Dquickstart-x-7f2kq" in q or "ray.io/cluster=quickstart-x-7f2kq" in q
+               for q in fake.queries)
+    # a job id no RayJob runs: the persistent cluster's head
+    fake.queries.clear()
+    k8s.address_for_job(prod, "some-other-job")
+    assert any("ray.io%2Fcluster%3Dprod%2C" in q or "ray.io/cluster=prod," in q for q in fake.queries)
