@@ -13,11 +13,6 @@ import typer
 from launcher.errors import Interrupted, LaunchError, UsageError
 
 
-def for_cluster(spec):
-    from launcher.config import for_cluster as dump
-
-    return dump(spec)
-
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -81,6 +76,7 @@ def run(
     hints = []
     if ephemeral:
         from cluster.kubernetes import run_ephemeral
+        from launcher.config import for_cluster
 
         env = {k: v for k, v in submit.job_env(spec, run_id, local=False).items() if k not in _BY_REFERENCE}
         address, job_id = run_ephemeral(definition, spec_json=json.dumps(for_cluster(spec)),
@@ -109,6 +105,7 @@ def _manifests(definition, spec, run_id: str, ephemeral: bool) -> list[dict]:
     from cluster import kubernetes
     from cluster.kubernetes_render import render_rayjob
     from launcher import submit
+    from launcher.config import for_cluster
 
     if not ephemeral:
         return kubernetes.render(definition)
