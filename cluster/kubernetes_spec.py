@@ -432,8 +432,9 @@ class KubernetesCluster(_Strict):
         volume_names = []
         for i, volume in enumerate(self.volumes):
             name = volume.get("name") if isinstance(volume, dict) else None
-            if not isinstance(name, str) or (problem := dns1123_label_problem(name)):
-                raise ValueError(f"volumes[{i}].name {name!r} must be a DNS-1123 label")
+            problem = dns1123_label_problem(name) if isinstance(name, str) else "missing"
+            if problem:
+                raise ValueError(f"volumes[{i}].name {name!r} must be a DNS-1123 label ({problem})")
             if name in RESERVED_VOLUMES:
                 raise ValueError(f"volumes[{i}].name {name!r} is used by the launcher ({', '.join(RESERVED_VOLUMES)})")
             volume_names.append(name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from typing import Any
 
 from rich.console import Console
@@ -97,6 +96,3 @@ class JobOutput:
         self.progress.update(self.task, completed=event["step"],
                              description=f"loss {event['loss']:.4f}  {event['tokens_per_s']:,.0f} tok/s")
 
-
-def err_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True, file=sys.stderr)

@@ -4,7 +4,6 @@ script): exit codes, messages without tracebacks, dry runs that start nothing, i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

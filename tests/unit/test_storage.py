@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pyarrow.fs as pafs
 import pytest
