@@ -174,7 +174,8 @@ def validate(
     from launcher.config import load_spec
 
     spec = load_spec(spec_file, overrides or [])
-    preflight.check_spec(spec, str(spec_file))
+    ds_cfg = preflight.check_spec(spec, str(spec_file))
+    preflight.check_deepspeed_rules(spec, ds_cfg, str(spec_file))
     if json_out:
         print(json.dumps(spec.model_dump(mode="json"), indent=1))
     else:

@@ -3,6 +3,7 @@ on the cluster. Each raises a typed error that names the field or file and what 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -70,8 +71,7 @@ def check_deepspeed_rules(spec: AnyRun, ds_cfg: dict, source: str) -> None:
     not import deepspeed). Skipped when deepspeed is not installed on this machine."""
     if isinstance(spec.train.deepspeed, ZeroSpec):
         return  # built by us from the shorthand
-    proc = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True)
-    if proc.returncode != 0:
+    if importlib.util.find_spec("deepspeed") is None:
         return
     proc = subprocess.run([sys.executable, "-m", "trainers.ds_check"], input=json.dumps(ds_cfg),
                           capture_output=True, text=True)

@@ -1,6 +1,11 @@
 """DeepSpeed config from the run spec: the ZeRO shorthand, or a user's JSON with
 Hugging Face style `"auto"` values filled in from the spec.
 
+A JSON may hold an `optimizer` block, a `scheduler` block, both or neither, as with Hugging
+Face's Trainer: DeepSpeed builds what the JSON describes and the trainer supplies the rest
+(AdamW, and the spec's `lr_schedule` with warmup; see trainers.engine.build_engine). Values
+set explicitly in the JSON must agree with the spec (`_SPEC_FIELDS`); `"auto"` takes the spec's.
+
 Pure (no torch): the launcher resolves and checks the config before anything is
 provisioned; the workers resolve it again once the step count and model width are known.
 """
@@ -128,28 +133,33 @@ def _resolve(cfg, spec, use_gpu, total_steps, hidden_size, problems) -> None:
         "scheduler.params.warmup_num_steps": warmup,
         "scheduler.params.total_num_steps": total_steps,
     }
-    must_agree = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"}
+    batch_keys = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"}
     for key, value in from_spec.items():
         if not _has(cfg, key):
-            if key in must_agree:
+            if key in batch_keys:
                 _set(cfg, key, value)
             continue
         current = _get(cfg, key)
         if current == "auto":
             if value is not None:
                 _set(cfg, key, value)
-        elif key in must_agree and current != value:
-            spec_field = "train.global_batch_size / micro_batch_size / resources.workers"
-            problems.append((key, f"is {current} but the spec gives {value} ({spec_field}); set it to \"auto\""))
+        elif key in _SPEC_FIELDS and value is not None and not _same(current, value):
+            # As Hugging Face's Trainer does: two sources for one value is a mistake, and
+            # the JSON silently winning would also defeat a `tune:` search over the spec field.
+            problems.append((key, f"is {json.dumps(current)} but the spec gives {json.dumps(value)} "
+                                  f"({_SPEC_FIELDS[key]}); set it to \"auto\" or change the spec"))
     for key, fn in _HIDDEN_SIZE_KEYS.items():
         if _has(cfg, key) and _get(cfg, key) == "auto" and hidden_size is not None:
             _set(cfg, key, fn(hidden_size))
     if dtype in ("bfloat16", "float16") and not use_gpu:
         problems.append(("bf16.enabled" if dtype == "bfloat16" else "fp16.enabled",
                          f"model.dtype {dtype} needs GPUs; use model.dtype: auto or float32 on CPU workers"))
-    if _has(cfg, "optimizer") and not _has(cfg, "scheduler"):
-        problems.append(("scheduler", "a config with an `optimizer` block needs a `scheduler` block too "
-                                      "(or remove both: the trainer then builds AdamW and the spec's schedule)"))
+    else:
+        for key, wanted in (("bf16.enabled", dtype == "bfloat16"), ("fp16.enabled", dtype == "float16")):
+            if _get(cfg, key) is True and not wanted:
+                where = "CPU workers train in float32 (DeepSpeed's bf16/fp16 need GPUs)" if not use_gpu else \
+                    f"model.dtype resolves to {dtype}"
+                problems.append((key, f"is true but {where}; set it to \"auto\" (it follows model.dtype)"))
     if _has(cfg, "zero_optimization.offload_param") and _get(cfg, "zero_optimization.stage") != 3:
         problems.append(("zero_optimization.offload_param", "parameter offload needs ZeRO stage 3"))
     if _get(cfg, "zero_optimization.stage") == 3:
@@ -158,6 +168,29 @@ def _resolve(cfg, spec, use_gpu, total_steps, hidden_size, problems) -> None:
     for key in _auto_keys(cfg):
         if key not in deferred or (total_steps is not None and hidden_size is not None):
             problems.append((key, "is \"auto\" but the spec has no value for it; set it explicitly"))
+
+
+# JSON keys that must agree with the spec when set explicitly, and the spec field behind each.
+_SPEC_FIELDS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / micro_batch_size / resources.workers",
+    "train_batch_size": "train.global_batch_size / micro_batch_size / resources.workers",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer.params.lr": "train.lr",
+    "optimizer.params.betas": "train.betas",
+    "optimizer.params.weight_decay": "train.weight_decay",
+    "scheduler.params.warmup_max_lr": "train.lr",
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1.0)
+    return a == b
 
 
 def _auto_keys(node: Any, prefix: str = "") -> list[str]:

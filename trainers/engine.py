@@ -3,6 +3,7 @@ set up by Ray Train) and GPU (nccl)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any
@@ -33,13 +34,16 @@ def init_distributed() -> None:
 
 
 def build_engine(model, spec: AnyRun, ds_config: dict[str, Any], total_steps: int):
+    """`deepspeed.initialize` with what the DeepSpeed config leaves to us: without an
+    `optimizer` block we build AdamW (DeepSpeed's CPU Adam under ZeRO-Offload); without a
+    `scheduler` block, the spec's schedule. When DeepSpeed builds the optimizer, the
+    schedule is handed over as a callable that receives it (what Hugging Face's Trainer does)."""
     import deepspeed
     import torch
-    from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
     t = spec.train
-    optimizer = scheduler = None
+    optimizer = None
     if "optimizer" not in ds_config:
         offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
         if offload:
@@ -49,15 +53,9 @@ def build_engine(model, spec: AnyRun, ds_config: dict[str, Any], total_steps: in
             optimizer = DeepSpeedCPUAdam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    scheduler = None
     if "scheduler" not in ds_config:
-        if optimizer is None:
-            raise ValueError("a DeepSpeed JSON with an `optimizer` block also needs a `scheduler` block")
-        scheduler = get_scheduler(
-            "constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule,
-            optimizer,
-            num_warmup_steps=int(t.warmup_ratio * total_steps),
-            num_training_steps=total_steps,
-        )
+        scheduler = functools.partial(spec_schedule, spec=spec, total_steps=total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -66,3 +64,16 @@ def build_engine(model, spec: AnyRun, ds_config: dict[str, Any], total_steps: in
         config=ds_config,
     )
     return engine
+
+
+def spec_schedule(optimizer, *, spec: AnyRun, total_steps: int):
+    """The spec's `lr_schedule` after `warmup_ratio` of the steps, on `optimizer`."""
+    from transformers import get_scheduler
+
+    t = spec.train
+    return get_scheduler(
+        "constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule,
+        optimizer,
+        num_warmup_steps=int(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )

@@ -326,3 +326,55 @@ def test_check_accepts_shorthand_configs(ds_check):
                  {"stage": 3, "offload_optimizer": True, "offload_params": True}):
         cfg = deepspeed_config(make_spec(zero), use_gpu=False, total_steps=10, hidden_size=32)
         assert ds_check.check(cfg) is None, zero
+
+
+# ---------------------------------------------------------------- optimizer / scheduler / precision blocks
+
+@pytest.mark.parametrize("drop", [(), ("scheduler",), ("optimizer",), ("optimizer", "scheduler")],
+                         ids=["both", "optimizer-only", "scheduler-only", "neither"])
+def test_json_every_optimizer_scheduler_combination_resolves(tmp_path, drop):
+    obj = {k: v for k, v in FULL_AUTO.items() if k not in drop}
+    cfg = deepspeed_config(make_spec(write_json(tmp_path, obj), train=SPEC_TRAIN), use_gpu=True,
+                           total_steps=100, hidden_size=8)
+    assert auto_keys(cfg) == []
+    assert ("optimizer" in cfg, "scheduler" in cfg) == ("optimizer" not in drop, "scheduler" not in drop)
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("optimizer.params.lr", 5e-5, "train.lr"),
+    ("optimizer.params.betas", [0.9, 0.99], "train.betas"),
+    ("optimizer.params.weight_decay", 0.01, "train.weight_decay"),
+    ("gradient_clipping", 2.0, "train.grad_clip"),
+    ("scheduler.params.warmup_max_lr", 1e-3, "train.lr"),
+])
+def test_json_explicit_value_disagreeing_with_spec_is_an_error(tmp_path, key, value, field):
+    obj = json.loads(json.dumps(FULL_AUTO))
+    *parents, last = key.split(".")
+    node = obj
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    found = problems(make_spec(write_json(tmp_path, obj), train=SPEC_TRAIN), use_gpu=True)
+    assert list(found) == [key]
+    assert field in found[key] and '"auto"' in found[key]
+
+
+def test_json_explicit_values_equal_to_spec_are_accepted(tmp_path):
+    obj = json.loads(json.dumps(FULL_AUTO))
+    obj["optimizer"]["params"].update(lr=1e-4, betas=[0.9, 0.95], weight_decay=0.1)
+    obj["gradient_clipping"] = 0.5
+    cfg = deepspeed_config(make_spec(write_json(tmp_path, obj), train=SPEC_TRAIN), use_gpu=True)
+    assert cfg["optimizer"]["params"]["lr"] == 1e-4
+
+
+def test_json_fp16_enabled_on_cpu_is_refused_naming_fp16(tmp_path):
+    found = problems(make_spec(write_json(tmp_path, {"fp16": {"enabled": True}})), use_gpu=False)
+    assert list(found) == ["fp16.enabled"] and "CPU" in found["fp16.enabled"]
+
+
+def test_json_precision_disagreeing_with_model_dtype_on_gpu(tmp_path):
+    path = write_json(tmp_path, {"bf16": {"enabled": True}, "fp16": {"enabled": "auto"}})
+    found = problems(make_spec(path, model={"dtype": "float16"}), use_gpu=True)
+    assert list(found) == ["bf16.enabled"] and "float16" in found["bf16.enabled"]
+    cfg = deepspeed_config(make_spec(path, model={"dtype": "bfloat16"}), use_gpu=True)
+    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
