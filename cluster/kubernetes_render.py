@@ -63,6 +63,7 @@ ENTRYPOINT = "python -m trainers.entry"
 SPEC_FILE_ENV = "LLMLAUNCH_SPEC_FILE"
 SPEC_ENV = "LLMLAUNCH_SPEC"
 RUN_ID_ENV = "LLMLAUNCH_RUN_ID"
+IMAGE_ENV = "LLMLAUNCH_IMAGE"
 SPEC_VOLUME = "llmlaunch-spec"
 SPEC_DIR = "/etc/llmlaunch/spec"
 SPEC_KEY = "spec.json"
@@ -136,6 +137,8 @@ def _shm(shm_size: str | None, memory: str) -> str:
 
 def _env(defn: KubernetesCluster) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(defn.env.items())]
+    # Named by the job when the image lacks the training packages (trainers.user_errors).
+    env.append({"name": IMAGE_ENV, "value": defn.image})
     if defn.storage_secret is not None:
         secret = defn.storage_secret
         for var, key in sorted(secret.keys.items()):

@@ -64,7 +64,10 @@ def run(
             out["manifests"] = _manifests(definition, spec, run_id, ephemeral)
         _echo(out, json_out)
         return
+    if definition.kind == "local":  # its workers run in this Python environment
+        preflight.check_train_packages()
     preflight.check_deepspeed_rules(spec, ds_cfg, str(spec_file))
+    preflight.check_data(spec, str(spec_file))
     warning = preflight.check_storage(spec, remote=kube)
     if warning:
         _say(f"warning: {warning}")
@@ -176,6 +179,7 @@ def validate(
     spec = load_spec(spec_file, overrides or [])
     ds_cfg = preflight.check_spec(spec, str(spec_file))
     preflight.check_deepspeed_rules(spec, ds_cfg, str(spec_file))
+    preflight.check_data(spec, str(spec_file), local_only=True)
     if json_out:
         print(json.dumps(spec.model_dump(mode="json"), indent=1))
     else:

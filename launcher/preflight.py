@@ -80,6 +80,42 @@ def check_deepspeed_rules(spec: AnyRun, ds_cfg: dict, source: str) -> None:
                                            "DeepSpeed rejects this config: " + proc.stdout.strip())])
 
 
+def check_data(spec: AnyRun, source: str, *, local_only: bool = False) -> None:
+    """The first rows of every dataset this machine can read fit the declared format: a
+    chat file with `conversations` instead of `messages` is exit 2 here, naming the file,
+    the line, the fields the row has and the format it looks like, not a traceback from a
+    Ray Data task minutes later. Datasets this machine cannot read (hub ids, buckets it
+    has no credentials for) are checked by the job when it starts. `local_only` (offline
+    `launch validate`) skips `s3://`."""
+    from trainers import data_check
+
+    issues = []
+    for split in ("train", "eval"):
+        for i, ds in enumerate(getattr(spec.data, split)):
+            if local_only and "://" in ds.path:
+                continue
+            try:
+                problems = data_check.peek_problems(ds)
+            except storage.StorageError:
+                continue  # unreadable from here: the job checks it where it runs
+            issues += [SpecIssue(f"data.{split}[{i}]", f"(format {ds.format}) {p}") for p in problems]
+    if issues:
+        raise SpecError(source, issues, hint="fix the rows, or the dataset's `format` and field options "
+                                             "(`launch schema --markdown` lists them)")
+
+
+def check_train_packages() -> None:
+    """A local cluster runs the workers in this Python environment: it must have what they
+    import (`pip install llmlaunch` alone is the launcher without them)."""
+    from trainers.user_errors import missing_train_packages
+
+    missing = missing_train_packages()
+    if missing:
+        raise UsageError(f"this Python environment ({sys.executable}) lacks {', '.join(missing)}, which the "
+                         "training workers of a local cluster need",
+                         hint="pip install 'llmlaunch[train]'")
+
+
 def check_storage(spec: AnyRun, *, remote: bool = False) -> str | None:
     """The run's storage is reachable and writable. On a local cluster the job has this
     machine's credentials, so a failure is final (exit 2). A remote cluster's pods use its

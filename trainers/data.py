@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from trainers import data_check
 from trainers.spec import AnyRun, DatasetSpec
 
 IGNORE = -100
@@ -125,10 +126,29 @@ def _tokenizer(model_path: str, trust_remote_code: bool):
     return models.load_tokenizer(models.local_model_dir(model_path, weights=False), trust_remote_code)
 
 
-def _tokenize_batch(batch, *, ds: DatasetSpec, model_path: str, trust_remote_code: bool, max_len: int, packing: bool):
+def _tokenize_batch(batch, *, ds: DatasetSpec, where: str, model_path: str, trust_remote_code: bool, max_len: int,
+                    packing: bool):
     tok = _tokenizer(model_path, trust_remote_code)
-    examples = [tokenize_example(row, ds, tok) for row in batch.to_pylist()]
+    examples = []
+    for row in batch.to_pylist():
+        example, problem = _formatted(row, ds, tok)
+        if problem:
+            # Only on failure: find the file and line of the first bad row (a task knows neither).
+            located = data_check.scan(ds, lambda r: _formatted(r, ds, tok)[1])
+            raise data_check.DataError(f"{where} (format {ds.format}): {located or f'{ds.path}: a row {problem}'}")
+        examples.append(example)
     return pack(examples, max_len, tok.pad_token_id, packing)
+
+
+def _formatted(row: dict[str, Any], ds: DatasetSpec, tok) -> tuple[tuple[list[int], list[int]] | None, str | None]:
+    """(token ids and labels, None), or (None, what is wrong with the row)."""
+    problem = data_check.row_problem(row, ds)
+    if problem:
+        return None, problem
+    try:
+        return tokenize_example(row, ds, tok), None
+    except Exception as e:  # a template error, an odd value: the row is the user's to fix
+        return None, f"cannot be formatted: {type(e).__name__}: {e}"
 
 
 def read_dataset(ds: DatasetSpec):
@@ -168,21 +188,22 @@ def prepare(spec: AnyRun) -> Prepared:
     """Tokenize and pack every dataset once, split off eval rows, shuffle, materialize."""
     d = spec.data
 
-    def tokenized(datasets: list[DatasetSpec]):
+    def tokenized(split: str):
         parts = [
             read_dataset(ds).map_batches(
                 _tokenize_batch,
                 batch_format="pyarrow",
                 batch_size=1024,
-                fn_kwargs=dict(ds=ds, model_path=spec.model.path, trust_remote_code=spec.model.trust_remote_code,
-                               max_len=d.max_seq_len, packing=d.packing),
+                fn_kwargs=dict(ds=ds, where=f"data.{split}[{i}]", model_path=spec.model.path,
+                               trust_remote_code=spec.model.trust_remote_code, max_len=d.max_seq_len,
+                               packing=d.packing),
             )
-            for ds in datasets
+            for i, ds in enumerate(getattr(d, split))
         ]
         return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
-    train = tokenized(d.train).materialize()
-    evaluation = tokenized(d.eval).materialize() if d.eval else None
+    train = tokenized("train").materialize()
+    evaluation = tokenized("eval").materialize() if d.eval else None
     if evaluation is None and d.eval_fraction > 0:
         train, evaluation = train.train_test_split(test_size=d.eval_fraction, shuffle=True, seed=spec.train.seed)
     if d.shuffle:

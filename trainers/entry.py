@@ -16,8 +16,9 @@ import time
 
 import yaml
 
-from trainers import checkpoint, data, secrets_env, storage
+from trainers import checkpoint, data, data_check, secrets_env, storage, user_errors
 from trainers.spec import AnyRun, parse_spec
+from trainers.user_errors import JobUserError
 
 SPEC_ENV = "LLMLAUNCH_SPEC"
 SPEC_FILE_ENV = "LLMLAUNCH_SPEC_FILE"
@@ -25,13 +26,22 @@ RUN_ID_ENV = "LLMLAUNCH_RUN_ID"
 
 
 def main() -> int:
+    try:
+        return run_job()
+    except user_errors.JobUserError as e:
+        return user_errors.report(e)
+
+
+def run_job() -> int:
+    user_errors.check_train_packages()
     import ray
 
     secrets_env.load()
     spec = parse_spec(json.loads(_spec_text()))
     run_id = os.environ[RUN_ID_ENV]
     if not spec.checkpoint.storage:
-        raise SystemExit("checkpoint.storage is empty: submit runs with `launch`, which fills the default")
+        raise JobUserError("checkpoint.storage is empty", hint="submit runs with `launch`, which fills the default")
+    check_data(spec)
     run = checkpoint.run_uri(spec.checkpoint.storage, spec.name, run_id)
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
     print(f"run {spec.name}/{run_id} -> {run}", flush=True)
@@ -39,16 +49,16 @@ def main() -> int:
 
     resume_from = pick_resume(spec)
     t0 = time.perf_counter()
-    prepared = data.prepare(spec)
+    prepared = prepare_data(spec)
     print(f"data: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} eval; "
           f"packing efficiency {prepared.packing_efficiency:.1%} (non-pad tokens), "
           f"{prepared.loss_tokens:,} loss tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
     per_epoch = data.steps_per_epoch(prepared.rows, spec.resources.workers,
                                      spec.train.micro_batch_size, spec.grad_accum_steps)
     if per_epoch == 0:
-        raise SystemExit(f"data.train: {prepared.rows} sequences are fewer than one optimizer step needs "
-                         f"({spec.train.micro_batch_size * spec.grad_accum_steps * spec.resources.workers}); "
-                         "add data or lower train.global_batch_size / micro_batch_size")
+        raise JobUserError(f"data.train: {prepared.rows} sequences are fewer than one optimizer step needs "
+                           f"({spec.train.micro_batch_size * spec.grad_accum_steps * spec.resources.workers})",
+                           hint="add data or lower train.global_batch_size / micro_batch_size")
     total_steps = spec.train.max_steps or max(1, math.ceil(per_epoch * spec.train.epochs))
 
     result = fit(spec, run, prepared, per_epoch, total_steps, resume_from)
@@ -71,6 +81,67 @@ def _spec_text() -> str:
     return os.environ[SPEC_ENV]
 
 
+def check_data(spec: AnyRun) -> None:
+    """The first rows of every dataset fit their format: the launcher checks what it can
+    read; this catches datasets only the cluster can read, before anything is started."""
+    problems = []
+    for split in ("train", "eval"):
+        for i, ds in enumerate(getattr(spec.data, split)):
+            try:
+                problems += [f"data.{split}[{i}] (format {ds.format}): {p}" for p in data_check.peek_problems(ds)]
+            except storage.StorageError as e:
+                raise JobUserError(f"data.{split}[{i}].path: {e}", hint=e.hint) from None
+    if problems:
+        raise JobUserError("; ".join(problems), hint="fix the rows, or the dataset's `format` and field options")
+
+
+def prepare_data(spec: AnyRun) -> data.Prepared:
+    """data.prepare, with a bad row reported as one line (file, line, what is wrong)
+    rather than as a traceback through Ray Data's internals."""
+    import logging
+
+    # Ray Data logs an error header for every failed task; the failure is reported below
+    # (or re-raised with its full traceback), so the header only adds noise.
+    quiet = _DropRecords("Exception occurred in user code", "An exception was raised from a task")
+    loggers = [logging.getLogger(n) for n in ("ray.data.exceptions",
+                                              "ray.data._internal.execution.streaming_executor_state")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        return data.prepare(spec)
+    except Exception as e:
+        message = data_check.message_from(e)
+        if message is None:  # e.g. Arrow could not read the file: name the line if it is a bad row
+            message = "; ".join(_scan_all(spec))
+        if not message:
+            raise
+        raise JobUserError(message, hint="fix the row, or the dataset's `format` and field options") from None
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def _scan_all(spec: AnyRun) -> list[str]:
+    found = []
+    for split in ("train", "eval"):
+        for i, ds in enumerate(getattr(spec.data, split)):
+            try:
+                problem = data_check.scan(ds, lambda row: data_check.row_problem(row, ds))
+            except storage.StorageError:
+                problem = None
+            if problem:
+                found.append(f"data.{split}[{i}] (format {ds.format}): {problem}")
+    return found
+
+
+class _DropRecords:
+    def __init__(self, *starts: str):
+        self.starts = starts
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
 def pick_resume(spec: AnyRun) -> str | None:
     mode = spec.checkpoint.resume
     if mode == "never":
@@ -80,11 +151,13 @@ def pick_resume(spec: AnyRun) -> str | None:
         return None
     manifest_text = storage.read_text(storage.join(ckpt, checkpoint.MANIFEST))
     if manifest_text is None:
-        raise SystemExit(f"checkpoint.resume: {ckpt} has no {checkpoint.MANIFEST}: it is not a complete checkpoint")
+        raise JobUserError(f"checkpoint.resume: {ckpt} has no {checkpoint.MANIFEST}: it is not a complete checkpoint",
+                           hint="name a checkpoint directory that has one, or use resume: auto")
     manifest = json.loads(manifest_text)
     if manifest["world_size"] != spec.resources.workers:
-        raise SystemExit(f"checkpoint.resume: {ckpt} was saved by {manifest['world_size']} workers but "
-                         f"resources.workers is {spec.resources.workers}; use the same count, or resume: never")
+        raise JobUserError(f"checkpoint.resume: {ckpt} was saved by {manifest['world_size']} workers but "
+                           f"resources.workers is {spec.resources.workers}",
+                           hint="use the same worker count, or checkpoint.resume: never")
     print(f"resuming from {ckpt} (step {manifest['step']})", flush=True)
     return ckpt
 

@@ -1,0 +1,147 @@
+"""trainers.data_check: rows against their declared format, the files and lines they come
+from, and the launcher's pre-flight peek (`launch validate` / `launch run`, exit 2 before
+anything is provisioned)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from launcher.cli import main
+from trainers import data_check
+from trainers.spec import DatasetSpec
+
+REPO = data_check.__file__.rsplit("/trainers/", 1)[0]
+QUICKSTART = f"{REPO}/configs/examples/quickstart.yaml"
+GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def fmt(name: str, **kw) -> DatasetSpec:
+    return DatasetSpec(path="x.jsonl", format=name, **kw)
+
+
+@pytest.mark.parametrize("row, ds, expected", [
+    ({"text": "abc"}, fmt("text"), None),
+    ({"body": "abc"}, fmt("text"), "no field `text`; the row has `body`; it looks like raw text: "
+                                   "`format: text, text_field: body`"),
+    ({"text": 3}, fmt("text"), "field `text` must be a string, got a number"),
+    ({"instruction": "a", "output": "b"}, fmt("alpaca"), None),
+    ({"instruction": "a", "input": None, "output": "b"}, fmt("alpaca"), None),  # Arrow's null for a missing field
+    ({"instruction": "a", "output": ["b"]}, fmt("alpaca"), "field `output` must be a string, got a list"),
+    ({"instruction": "a", "input": 5, "output": "b"}, fmt("alpaca"), "field `input` must be a string, got a number"),
+    (GOOD_CHAT, fmt("messages"), None),
+    ({"messages": []}, fmt("messages"), "field `messages` is an empty conversation"),
+    ({"messages": "hi"}, fmt("messages"), "field `messages` must be a list, got a string"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, fmt("messages"),
+     "`messages[0]` has role 'bot'; roles are system, user, assistant, tool"),
+    ({"messages": [{"role": "user", "content": 1}]}, fmt("messages"), "`messages[0]` content must be a string, got a number"),
+    ({"messages": [{"role": "user", "content": "q"}]}, fmt("messages"),
+     "field `messages` has no assistant turn: nothing to train on"),
+    ({"messages": [{"from": "human", "value": "q"}]}, fmt("messages"),
+     "`messages[0]` needs `role` and `content`; it has `from`, `value` (ShareGPT style: convert `from`/`value` "
+     "to `role`/`content`)"),
+    ({"chat": GOOD_CHAT["messages"]}, fmt("messages"),
+     "no field `messages`; the row has `chat`; it looks like chat data: `format: messages, messages_field: chat`"),
+    ({"chat": GOOD_CHAT["messages"]}, fmt("messages", messages_field="chat"), None),
+    ({"instruction": "a", "output": "b"}, fmt("messages"),
+     "no field `messages`; the row has `instruction`, `output`; it looks like instruction data: `format: alpaca`"),
+    ([1, 2], fmt("text"), "a row must be a JSON object, got a list"),
+])
+def test_row_problem(row, ds, expected):
+    assert data_check.row_problem(row, ds) == expected
+
+
+def test_sharegpt_row_is_recognised():
+    row = {"id": 7, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    problem = data_check.row_problem(row, fmt("messages"))
+    assert problem.startswith("no field `messages`; the row has `id`, `conversations`; it looks like ShareGPT")
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_rows_numbers_lines_of_jsonl_json_arrays_and_parquet(tmp_path):
+    rows = [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert list(data_check.rows(str(tmp_path / "a.jsonl"))) == [(1, rows[0]), (3, rows[1])]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    assert list(data_check.rows(str(tmp_path / "a.json"))) == [(1, rows[0]), (2, rows[1])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    assert list(data_check.rows(str(tmp_path / "a.parquet"))) == [(1, rows[0]), (2, rows[1])]
+    assert list(data_check.rows(str(tmp_path / "a.jsonl"), limit=1)) == [(1, rows[0])]
+
+
+def test_first_problem_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [GOOD_CHAT] * 4 + [{"messages": [{"role": "bot", "content": "x"}]}])
+    check = lambda row: data_check.row_problem(row, fmt("messages"))  # noqa: E731
+    assert data_check.first_problem(path, check) == f"{path} line 5: `messages[0]` has role 'bot'; " \
+                                                   "roles are system, user, assistant, tool"
+    assert data_check.first_problem(path, check, limit=4) is None
+
+
+def test_invalid_json_line_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a"}\n{"text": oops}\n')
+    problem = data_check.first_problem(str(path), lambda row: None)
+    assert problem.startswith(f"{path} line 2: not valid JSON")
+
+
+def test_scan_goes_through_every_file_of_a_directory(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}] * 3)
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "x"}, {"txt": "y"}])
+    ds = DatasetSpec(path=str(tmp_path), format="text")
+    assert data_check.scan(ds, lambda r: data_check.row_problem(r, ds)).startswith(f"{tmp_path}/b.jsonl line 2: ")
+    assert data_check.peek_problems(ds) == [f"{tmp_path}/b.jsonl line 2: no field `text`; the row has `txt`; "
+                                            "it looks like raw text: `format: text, text_field: txt`"]
+
+
+def test_message_survives_being_wrapped_in_another_exceptions_text():
+    err = data_check.DataError("data.train[0] (format messages): f.jsonl line 3: `messages[1]` has role 'bot'")
+    wrapped = RuntimeError(f"ray::MapBatches(_tokenize_batch)()\n  File x, line 1\n{type(err).__name__}: {err}\n")
+    assert data_check.message_from(wrapped) == err.message
+    assert data_check.message_from(RuntimeError("something else")) is None
+
+
+def validate(capsys, *args) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(["validate", QUICKSTART, *args])
+    return info.value.code, capsys.readouterr().err
+
+
+def test_validate_refuses_a_sharegpt_file_declared_as_messages(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "chat.jsonl",
+                       [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    code, err = validate(capsys, f"data.train[0].path={path}")
+    assert code == 2
+    assert "data.train[0]: (format messages)" in err and f"{path} line 1" in err
+    assert "the row has `conversations`" in err and "ShareGPT" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("example", ["quickstart.yaml", "lora.yaml", "alpaca_zero3.yaml", "pretrain.yaml"])
+def test_validate_accepts_the_shipped_data(example, capsys):
+    main(["validate", f"{REPO}/configs/examples/{example}"])  # returns: exit 0
+    assert ": ok (" in capsys.readouterr().err
+
+
+def test_entry_checks_remote_only_data_at_job_start_in_one_line(tmp_path):
+    """The job's first step (before ray.init) peeks at datasets only the cluster can read:
+    exit 2, one LLMLAUNCH_ERROR line, no traceback."""
+    from launcher.config import load_spec
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"text": "not a chat"}])
+    spec = load_spec(QUICKSTART, [f"data.train[0].path={path}", f"checkpoint.storage={tmp_path}/runs"])
+    env = {"LLMLAUNCH_SPEC": json.dumps(spec.model_dump(mode="json")), "LLMLAUNCH_RUN_ID": "r1", "PATH": "/usr/bin"}
+    proc = subprocess.run([sys.executable, "-m", "trainers.entry"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("LLMLAUNCH_ERROR ")]
+    error = json.loads(line.split(" ", 1)[1])
+    assert error["message"].startswith(f"data.train[0] (format messages): {path} line 1: no field `messages`")
+    assert "Traceback" not in proc.stdout + proc.stderr

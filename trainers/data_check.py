@@ -1,0 +1,245 @@
+"""Rows checked against their dataset's declared format, with errors a person can act on.
+
+The same check runs three times, so a bad file is caught as early as it can be:
+- by the launcher before anything is provisioned, on the first rows of every dataset it
+  can read (local, or `s3://` with its credentials): `peek_problems`;
+- at the start of the job for datasets only the cluster can read (the same function);
+- inside the Ray Data tokenization tasks, on every row: `row_problem`, and `locate` to
+  name the line of the file that holds the first bad row.
+
+Pure: the standard library and pyarrow only (the launcher imports it without torch).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+from trainers.spec import DatasetSpec
+
+PEEK_ROWS = 64
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# The prefix of a data error's message inside an exception raised in a Ray Data task: the
+# job's driver finds it in the wrapped exception's text (the object itself does not survive).
+MARKER = "LLMLAUNCH_DATA_ERROR:"
+
+
+class DataError(ValueError):
+    """A dataset row does not fit its declared format (a user error: exit 2, one line)."""
+
+    def __init__(self, message: str):
+        super().__init__(MARKER + json.dumps(message))
+        self.message = message
+
+
+def message_from(exc: BaseException) -> str | None:
+    """The DataError message carried by `exc`, however Ray wrapped it, or None."""
+    text = str(exc)
+    at = text.find(MARKER)
+    if at < 0:
+        return None
+    try:
+        return json.JSONDecoder().raw_decode(text, at + len(MARKER))[0]
+    except json.JSONDecodeError:
+        return None
+
+
+# ---------------------------------------------------------------- one row
+
+def _missing(row: dict[str, Any], key: str) -> bool:
+    # Arrow fills a field that some rows lack with null: null counts as missing.
+    return row.get(key) is None
+
+
+def row_problem(row: Any, ds: DatasetSpec) -> str | None:
+    """What is wrong with one row for `ds.format`, or None."""
+    if not isinstance(row, dict):
+        return f"a row must be a JSON object, got {_type(row)}"
+    if ds.format == "text":
+        return _field_problem(row, ds.text_field, str, "text_field")
+    if ds.format == "alpaca":
+        for key in ("instruction", "output"):
+            if problem := _field_problem(row, key, str):
+                return problem
+        if not _missing(row, "input") and not isinstance(row["input"], str):
+            return f"field `input` must be a string, got {_type(row['input'])}"
+        return None
+    if problem := _field_problem(row, ds.messages_field, list, "messages_field"):
+        return problem
+    messages = row[ds.messages_field]
+    if not messages:
+        return f"field `{ds.messages_field}` is an empty conversation"
+    for i, m in enumerate(messages):
+        where = f"`{ds.messages_field}[{i}]`"
+        if not isinstance(m, dict):
+            return f"{where} must be an object with `role` and `content`, got {_type(m)}"
+        if _missing(m, "role") or _missing(m, "content"):
+            have = ", ".join(f"`{k}`" for k, v in m.items() if v is not None) or "no fields"
+            hint = " (ShareGPT style: convert `from`/`value` to `role`/`content`)" if "from" in m else ""
+            return f"{where} needs `role` and `content`; it has {have}{hint}"
+        if m["role"] not in CHAT_ROLES:
+            return f"{where} has role {m['role']!r}; roles are {', '.join(CHAT_ROLES)}"
+        if not isinstance(m["content"], str):
+            return f"{where} content must be a string, got {_type(m['content'])}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return f"field `{ds.messages_field}` has no assistant turn: nothing to train on"
+    return None
+
+
+def _field_problem(row: dict[str, Any], key: str, kind: type, option: str | None = None) -> str | None:
+    if _missing(row, key):
+        have = ", ".join(f"`{k}`" for k, v in row.items() if v is not None) or "no fields"
+        text = f"no field `{key}`; the row has {have}"
+        guess = guess_format(row)
+        if guess:
+            text += f"; it looks like {guess}"
+        elif option:
+            text += f" (name the field with `{option}`)"
+        return text
+    if not isinstance(row[key], kind):
+        return f"field `{key}` must be {'a string' if kind is str else 'a list'}, got {_type(row[key])}"
+    return None
+
+
+def guess_format(row: dict[str, Any]) -> str | None:
+    """What the row looks like, phrased as the spec change that would read it."""
+    keys = {k for k, v in row.items() if v is not None}
+    for key in sorted(keys):
+        value = row[key]
+        if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            if all({"role", "content"} <= set(m) for m in value):
+                return f"chat data: `format: messages, messages_field: {key}`"
+            if all({"from", "value"} <= set(m) for m in value):
+                return (f"ShareGPT chat data (`{key}` of {{from, value}}), which `format: messages` does not "
+                        "read yet: convert each turn to {role, content}")
+    if {"instruction", "output"} <= keys:
+        return "instruction data: `format: alpaca`"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "preference pairs (prompt/chosen/rejected), which sft does not train on"
+    if {"prompt", "completion"} <= keys:
+        return "prompt/completion pairs, which are not a supported format yet"
+    strings = sorted(k for k in keys if isinstance(row[k], str))
+    if len(strings) == 1:
+        return f"raw text: `format: text, text_field: {strings[0]}`"
+    return None
+
+
+def _type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------- files
+
+def _is_file_like(path: str) -> bool:
+    import os
+
+    return "://" in path or path.endswith((".json", ".jsonl", ".parquet")) or os.path.exists(os.path.expanduser(path))
+
+
+def data_files(path: str) -> list[str]:
+    """The files a dataset path names (a file, or the data files under a directory), as
+    URIs `storage` reads; [] for a hub id. Raises trainers.storage.StorageError."""
+    import pyarrow.fs as pafs
+
+    from trainers import storage
+
+    if not _is_file_like(path):
+        return []
+    fs, fs_path = storage.filesystem(path)
+    with storage._errors(path, "read the dataset"):
+        info = fs.get_file_info(fs_path)
+        if info.type == pafs.FileType.NotFound:
+            raise storage.StorageError(path, "the dataset does not exist", "check data.*.path")
+        if info.type == pafs.FileType.File:
+            return [path]
+        found = [f.path for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+                 if f.type == pafs.FileType.File and f.path.endswith((".json", ".jsonl", ".parquet"))]
+    prefix = "s3://" if path.startswith("s3://") else ""
+    return [prefix + p for p in sorted(found)]
+
+
+def rows(uri: str, limit: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(line or row number from 1, row) of a data file; a line that is not JSON raises DataError."""
+    from trainers import storage
+
+    fs, fs_path = storage.filesystem(uri)
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with storage._errors(uri, "read the dataset"):
+            n = 0
+            for batch in pq.ParquetFile(fs_path, filesystem=fs).iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield n, row
+                    if limit and n >= limit:
+                        return
+        return
+    with storage._errors(uri, "read the dataset"):
+        text_stream = fs.open_input_stream(fs_path)
+    with text_stream as f:
+        head = f.read(1 << 20) if uri.endswith(".json") else b""
+        if head.lstrip().startswith(b"["):  # a JSON array, not JSON lines: read it whole
+            data = _loads(head + f.read(), uri, 1)
+            for i, row in enumerate(data if isinstance(data, list) else [data], 1):
+                yield i, row
+                if limit and i >= limit:
+                    return
+            return
+        buffer, line_no = head, 0
+        while True:
+            chunk = f.read(1 << 20)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            if not chunk:
+                lines, buffer = lines + [buffer], b""
+            for line in lines:
+                line_no += 1
+                if line.strip():
+                    yield line_no, _loads(line, uri, line_no)
+                    if limit and line_no >= limit:
+                        return
+            if not chunk:
+                return
+
+
+def _loads(raw: bytes, uri: str, line_no: int) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{uri} line {line_no}: not valid JSON ({e})") from None
+
+
+def first_problem(uri: str, check, limit: int | None = None) -> str | None:
+    """`<file> line N: <problem>` for the first row of a file for which `check(row)` gives a
+    problem (within the first `limit` rows), or None."""
+    try:
+        for line_no, row in rows(uri, limit):
+            problem = check(row)
+            if problem:
+                return f"{uri} line {line_no}: {problem}"
+    except DataError as e:
+        return e.message
+    return None
+
+
+def peek_problems(ds: DatasetSpec) -> list[str]:
+    """`<file> line N: <problem>` for the first rows of each file of a dataset. Raises
+    trainers.storage.StorageError when the files cannot be read."""
+    problems = []
+    for uri in data_files(ds.path)[:8]:
+        problem = first_problem(uri, lambda row: row_problem(row, ds), PEEK_ROWS)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def scan(ds: DatasetSpec, check) -> str | None:
+    """`<file> line N: <problem>` for the first bad row over all of a dataset's files: the
+    failure path of a tokenization task, which knows the row but not where it came from."""
+    for uri in data_files(ds.path):
+        problem = first_problem(uri, check)
+        if problem:
+            return problem
+    return None
