@@ -3,7 +3,6 @@ on the cluster. Each raises a typed error that names the field or file and what 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from launcher.errors import SpecError, SpecIssue, StorageError, UsageError
 from trainers import storage
 from trainers.ds_config import DeepSpeedConfigError, deepspeed_config
 from trainers.spec import AnyRun, ZeroSpec
+from trainers.user_errors import importable
 
 
 def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool = False) -> dict:
@@ -71,7 +71,7 @@ def check_deepspeed_rules(spec: AnyRun, ds_cfg: dict, source: str) -> None:
     not import deepspeed). Skipped when deepspeed is not installed on this machine."""
     if isinstance(spec.train.deepspeed, ZeroSpec):
         return  # built by us from the shorthand
-    if importlib.util.find_spec("deepspeed") is None:
+    if not importable("deepspeed"):
         return
     proc = subprocess.run([sys.executable, "-m", "trainers.ds_check"], input=json.dumps(ds_cfg),
                           capture_output=True, text=True)

@@ -35,17 +35,17 @@ def report(error: JobUserError) -> int:
     return EXIT_CODE
 
 
+def importable(name: str) -> bool:
+    """Whether this Python environment has the package, found without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def missing_train_packages() -> list[str]:
-    """The worker-side packages this Python environment lacks (found without importing them)."""
-    missing = []
-    for name in TRAIN_PACKAGES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+    """The worker-side packages this Python environment lacks."""
+    return [name for name in TRAIN_PACKAGES if not importable(name)]
 
 
 def check_train_packages() -> None:
