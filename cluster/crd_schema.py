@@ -1,8 +1,9 @@
 """Offline checks of rendered manifests: the KubeRay v1 CRD schema made strict, plus the rules a
 schema cannot express (object names, label syntax, enum-like strings, KubeRay's own webhook rules).
 
-No API server is needed. The CRDs are KubeRay's (v1.7.0), found in this order:
-`$LLMLAUNCH_KUBERAY_CRDS`, then `<repo>/../shared/kuberay/` (`CRDsNotFound` names both).
+No API server is needed. The CRDs are KubeRay's (v1.7.0), vendored with the package in
+`cluster/kuberay_crds/` (see its README.md; Apache-2.0, LICENSE beside them). `$LLMLAUNCH_KUBERAY_CRDS`,
+if set, names a directory to use first (`CRDsNotFound` names every place tried).
 
 Strict, because the API server is not: it prunes fields a CRD schema does not declare, so a
 misspelt `tolerations` in a manifest is silently dropped, not rejected. `load_strict_schema`
@@ -45,9 +46,9 @@ from cluster.kubernetes_spec import (
 )
 
 CRDS_ENV = "LLMLAUNCH_KUBERAY_CRDS"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
-_REPO = Path(__file__).resolve().parent.parent
+# The kinds we render and validate; their CRDs are the files vendored in VENDORED_CRDS.
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+VENDORED_CRDS = Path(__file__).resolve().parent / "kuberay_crds"
 
 
 class CRDsNotFound(FileNotFoundError):
@@ -59,14 +60,14 @@ def crd_dir() -> Path:
     tried = []
     env = os.environ.get(CRDS_ENV)
     candidates = ([(Path(env).expanduser(), f"${CRDS_ENV}")] if env else []) + [
-        (_REPO.parent / "shared" / "kuberay", "<repo>/../shared/kuberay")]
+        (VENDORED_CRDS, "vendored with the package")]
     for path, why in candidates:
-        if all((path / f).is_file() for f in (CRD_FILES["RayCluster"], CRD_FILES["RayJob"])):
+        if all((path / f).is_file() for f in CRD_FILES.values()):
             return path
         tried.append(f"{path} ({why})")
     if not env:
         tried.append(f"${CRDS_ENV} (not set)")
-    raise CRDsNotFound(f"KubeRay CRDs ({CRD_FILES['RayCluster']}, {CRD_FILES['RayJob']}) not found; looked in: "
+    raise CRDsNotFound(f"KubeRay CRDs ({', '.join(CRD_FILES.values())}) not found; looked in: "
                        + "; ".join(tried) + f". Set {CRDS_ENV} to a directory holding the KubeRay v1.7.0 CRDs.")
 
 

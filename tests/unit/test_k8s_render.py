@@ -257,18 +257,34 @@ def test_strict_schema_rules():
 
 def test_missing_crds_named_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv(crd_schema.CRDS_ENV, str(tmp_path / "nowhere"))
-    monkeypatch.setattr(crd_schema, "_REPO", tmp_path / "repo")
+    monkeypatch.setattr(crd_schema, "VENDORED_CRDS", tmp_path / "vendored")
     with pytest.raises(crd_schema.CRDsNotFound) as info:
         crd_schema.validate({"kind": "RayCluster"})
     message = str(info.value)
-    assert str(tmp_path / "nowhere") in message and str(tmp_path / "shared" / "kuberay") in message
+    assert str(tmp_path / "nowhere") in message and str(tmp_path / "vendored") in message
     assert crd_schema.CRDS_ENV in message
 
 
+def test_missing_crds_without_env_var_say_it_is_not_set(monkeypatch, tmp_path):
+    monkeypatch.delenv(crd_schema.CRDS_ENV, raising=False)
+    monkeypatch.setattr(crd_schema, "VENDORED_CRDS", tmp_path / "vendored")
+    with pytest.raises(crd_schema.CRDsNotFound, match=r"vendored.*LLMLAUNCH_KUBERAY_CRDS \(not set\)"):
+        crd_schema.crd_dir()
+
+
+def test_crds_are_vendored_by_default(monkeypatch):
+    monkeypatch.delenv(crd_schema.CRDS_ENV, raising=False)
+    assert crd_schema.crd_dir() == crd_schema.VENDORED_CRDS == Path(crd_schema.__file__).resolve().parent / "kuberay_crds"
+
+
 def test_crds_found_through_env_var(crds, monkeypatch, tmp_path):
-    monkeypatch.setenv(crd_schema.CRDS_ENV, str(crds))
-    monkeypatch.setattr(crd_schema, "_REPO", tmp_path / "repo")
-    assert crd_schema.crd_dir() == crds
+    override = tmp_path / "override"
+    override.mkdir()
+    for name in crd_schema.CRD_FILES.values():
+        (override / name).write_bytes((crds / name).read_bytes())
+    monkeypatch.setenv(crd_schema.CRDS_ENV, str(override))
+    monkeypatch.setattr(crd_schema, "VENDORED_CRDS", tmp_path / "vendored")
+    assert crd_schema.crd_dir() == override
 
 
 # --- what the schemas cannot catch ----------------------------------------------------------
