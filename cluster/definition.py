@@ -33,7 +33,19 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(ClusterDef)
 
 # Where `--cluster NAME` looks, in order: the user's own directory, then the shipped ones.
 SEARCH_PATH_ENV = "LLMLAUNCH_CLUSTERS"
-SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "clusters"
+USER_DIR = "~/.config/llmlaunch/clusters"
+
+
+def shipped_configs() -> Path | None:
+    """The shipped `configs/`: the checkout's for a source (editable) install, else the copy
+    a wheel install puts in `<prefix>/share/llmlaunch/configs` (pyproject's data-files)."""
+    import sysconfig
+
+    here = Path(__file__).resolve()
+    candidates = [here.parent.parent / "configs", Path(sysconfig.get_path("data")) / "share/llmlaunch/configs"]
+    if len(here.parents) > 4:  # <prefix>/lib/pythonX.Y/site-packages/cluster/definition.py
+        candidates.append(here.parents[4] / "share/llmlaunch/configs")
+    return next((c for c in candidates if (c / "clusters").is_dir()), None)
 
 
 def parse_cluster(data: dict[str, Any]) -> LocalCluster | KubernetesCluster:
@@ -48,7 +60,10 @@ def cluster_file(name: str) -> Path | None:
     if as_path.suffix in (".yaml", ".yml") and as_path.exists():
         return as_path
     dirs = [Path(d).expanduser() for d in os.environ.get(SEARCH_PATH_ENV, "").split(os.pathsep) if d]
-    dirs += [Path("~/.config/llmlaunch/clusters").expanduser(), SHIPPED]
+    dirs.append(Path(USER_DIR).expanduser())
+    shipped = shipped_configs()
+    if shipped is not None:
+        dirs.append(shipped / "clusters")
     for d in dirs:
         for suffix in (".yaml", ".yml"):
             if (d / f"{name}{suffix}").exists():
