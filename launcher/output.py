@@ -2,12 +2,27 @@
 
 Workers print `LLMLAUNCH_PROGRESS {json}` lines. On a terminal they drive a Rich progress
 bar; otherwise each becomes one plain line; with `--json` every line is a JSON event.
+
+What a person reads is the same on a terminal and in plain mode (logs redirected, CI), and the
+same for `launch logs` of a past job as for `launch run` / `launch logs -f`: one line per event.
+
+* Ray's bookkeeping (`_NOISE`: job start, dataset execution, worker-group placement, Ray Train's
+  per-report lines, log-deduplication summaries, ...) is hidden.
+* A message that another process of the same actor class already printed (the same line from
+  every rank) is shown once; the same process printing it again is a real repeat and is shown.
+  Only the last `_REMEMBER` messages are remembered.
+* Our own lines (`_OURS`: `run ...`, `data: ...`, `model: ...`, `checkpoint saved: ...`, ...) are
+  shown without Ray's `(RayTrainWorker pid=N) ` prefix, and never hidden.
+
+`verbose=True` (`--verbose`) turns all of that off: every line as the job printed it. `--json`
+never hides or changes a line (programs filter for themselves); markers become progress events.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from typing import Any
 
 from rich.console import Console
@@ -15,13 +30,60 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 MARKER = "LLMLAUNCH_PROGRESS "  # trainers.sft.PROGRESS; not imported: that module needs torch
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# Ray's own bookkeeping, hidden on a terminal (never from `launch logs`, --json or pipes).
-_NOISE = re.compile(
-    r"^\((SplitCoordinator|DatasetManager|_StatsActor|AutoscalingRequester)\b"
-    r"|Reporting training result \d+|Checkpoint successfully created at"
-    r"|INFO (streaming_executor|dataset|logging|split)\.py"
-    r"|Ray deduplicates logs by default|configure-logging\.html|^RAY_DEDUP_LOGS"
-)
+# Ray's prefix on what its workers print: "(RayTrainWorker pid=3344) ", "(RayTrainWorker pid=3344, ip=10.0.0.2) ",
+# "(MapBatches(_tokenize_batch) pid=7) ", "(pid=7) ".
+_PREFIX = re.compile(r"\((?:(?P<actor>[^\s()]+(?:\([^()]*\))?) )?pid=(?P<pid>\d+)(?:, ip=(?P<ip>[^\s)]+))?\) ")
+# Python's logging as Ray formats it: "2026-12-01 18:52:22,527 INFO streaming_executor.py:215 -- ".
+_RAY_LOG = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(?:%s) (?:%s)\.py:\d+ -- "
+
+
+def _ray_log(level: str, modules: str, message: str = "") -> str:
+    return "^" + _RAY_LOG % (level, modules) + message
+
+
+# Ray's own bookkeeping, one family a line; matched against a line without its Ray prefix.
+_NOISE_FAMILIES: list[tuple[str, str]] = [
+    # Submission: the job SDK uploading the working dir (printed by the client, here for completeness) and the
+    # job supervisor starting the entrypoint.
+    ("package upload", _ray_log("INFO", "dashboard_sdk|packaging")),
+    ("runtime env", _ray_log("INFO", "job_manager", r"Runtime env is setting up")),
+    ("entrypoint", r"^Running entrypoint for job \S+: "),
+    # ray.init() in the entrypoint.
+    ("ray.init", _ray_log("INFO", "worker", r"Connect(?:ing to existing|ed to) Ray cluster")),
+    # Ray Data running a dataset: on the driver with a logging timestamp, in the SplitCoordinator actor without.
+    ("dataset execution", r"^(?:" + _RAY_LOG % ("INFO|WARNING", r"\w+") + r")?(?:"
+                          r"Starting execution of Dataset \S+\. Full logs are in "
+                          r"|Execution plan of Dataset \S+: "
+                          r"|\S*\s*Dataset \S+ execution finished in [\d.]+ seconds"
+                          r"|Progress bars disabled\. To enable, set )"),
+    ("ray data info", _ray_log("INFO", "streaming_executor|dataset|logging|split")),  # e.g. "Tip: Use take_batch()"
+    # Ray Train's controller placing the worker group, and each worker joining the process group.
+    ("worker group", r"^(?:Requesting resources: "
+                     r"|Attempting to start training worker group of size \d+"
+                     r"|Started training worker group of size \d+:"
+                     r"|- \(ip=\S+, pid=\d+\) world_rank=\d+, local_rank=\d+, node_rank=\d+$)"),
+    ("process group", r"^Setting up process group for: "),
+    # Known warnings of Ray's own that say nothing about the run (the second one is followed by its source line).
+    ("PreemptionWatcher", r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' "
+                          r".* has constructor arguments in the object store"),
+    ("exclude_resources", r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated"),
+    # DeepSpeed starting up on each rank.
+    ("accelerator", r"\[real_accelerator\.py:\d+:get_accelerator\] Setting (?:ds_)?accelerator to "),
+    ("shm comm op", r"^DeepSpeed deepspeed\.ops\.comm\.deepspeed_shm_comm_op built successfully$"),
+    # Ray Train's per-report lines, from every rank (ours say "checkpoint saved: step N" once).
+    ("train report", r"^(?:Checkpoint successfully created at\b|Reporting training result \d+: )"),
+    # Ray's log deduplication: a summary of a line it already printed once, and its notice.
+    ("log dedup", r"\[repeated \d+x across cluster\]|Ray deduplicates logs by default|configure-logging\.html"
+                  r"|^RAY_DEDUP_LOGS"),
+]
+_NOISE = re.compile("|".join(f"(?:{regex})" for _, regex in _NOISE_FAMILIES))
+# A Python warning ("path.py:12: SomeWarning: text"): the line after it is its source line, indented.
+_WARNING = re.compile(r"\.py:\d+: \w*Warning: ")
+# Our own lines (trainers/entry.py, trainers/sft.py): shown without Ray's prefix, never hidden, never deduplicated.
+_OURS = re.compile(r"^(?:run \S+ -> |data: .*packing efficiency|model: [\d,]+ parameters|checkpoint saved: step \d+$"
+                   r"|model exported to |done: model at |resuming from |error: )")
+_REMEMBER = 256  # messages remembered to tell one rank's line from the same line of another rank
+_NONE = object()  # no source: unprefixed lines have source None
 
 
 def describe(event: dict[str, Any]) -> str:
@@ -38,11 +100,13 @@ class JobOutput:
         self.console = console or Console(stderr=False)
         self.json_mode = json_mode
         self.tty = self.console.is_terminal and not json_mode
-        self.hide_noise = self.tty and not verbose
+        self.hide_noise = not json_mode and not verbose
         self.buffer = ""
         self.events: list[dict[str, Any]] = []
         self.progress: Progress | None = None
         self.task = None
+        self._shown: OrderedDict[tuple[str, str], tuple[str, str | None]] = OrderedDict()  # (actor, msg) -> pid, ip
+        self._warned: object = _NONE  # the source whose last line was a hidden Python warning
 
     def feed(self, text: str) -> None:
         self.buffer += text
@@ -67,25 +131,49 @@ class JobOutput:
             if isinstance(event, dict) and "step" in event and ("loss" in event or "eval_loss" in event):
                 self.events.append(event)
                 return self._progress(event)
-        if self.hide_noise and _NOISE.search(line):
-            return
         if self.json_mode:
             print(json.dumps({"event": "log", "line": line}), flush=True)
-        elif self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False, emoji=False)
-        else:
-            self.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+            return
+        shown = self._readable(line) if self.hide_noise else line
+        if shown is not None:
+            self._print(shown)
+
+    def _readable(self, line: str) -> str | None:
+        """The line as a person reads it, or None where it is bookkeeping or another rank's copy."""
+        prefix = _PREFIX.match(line)
+        message = line[prefix.end():] if prefix else line
+        source = prefix.group("actor", "pid", "ip") if prefix else None
+        warned = self._warned == source  # this source's last line was a hidden Python warning
+        if warned:
+            self._warned = _NONE
+        if _OURS.match(message):
+            return message
+        if warned and message[:1].isspace():
+            return None  # the source line of the warning just hidden
+        if _NOISE.search(message):
+            if _WARNING.search(message):
+                self._warned = source
+            return None
+        if prefix and message.strip():
+            key, origin = (prefix["actor"] or "", message), (prefix["pid"], prefix["ip"])
+            if self._shown.get(key, origin) != origin:
+                return None  # the same message from another process of this actor class: another rank's copy
+            self._shown[key] = origin
+            self._shown.move_to_end(key)
+            if len(self._shown) > _REMEMBER:
+                self._shown.popitem(last=False)
+        return line
+
+    def _print(self, text: str) -> None:
+        # While the bar is live, Rich prints above it.
+        self.console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
     def _progress(self, event: dict[str, Any]) -> None:
         if self.json_mode:
             print(json.dumps({"event": "progress", **event}), flush=True)
             return
-        if not self.tty:
-            self.console.print(describe(event), markup=False, highlight=False, emoji=False)
-            return
-        if "eval_loss" in event:
-            target = self.progress.console if self.progress else self.console
-            target.print(describe(event), markup=False)
+        if not self.tty or "eval_loss" in event:
+            self._print(describe(event))
             return
         if self.progress is None:
             self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
@@ -95,4 +183,3 @@ class JobOutput:
             self.task = self.progress.add_task("", total=event["total_steps"])
         self.progress.update(self.task, completed=event["step"],
                              description=f"loss {event['loss']:.4f}  {event['tokens_per_s']:,.0f} tok/s")
-

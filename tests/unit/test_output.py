@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from launcher.output import MARKER, JobOutput
+from launcher.output import MARKER, JobOutput, describe
 
 EVENT = {"step": 3, "total_steps": 30, "loss": 1.23456, "lr": 0.0001, "tokens_per_s": 12345.6}
 EVAL = {"step": 10, "eval_loss": 2.0, "eval_perplexity": 7.389056}
@@ -145,3 +147,217 @@ def test_json_mode_malformed_progress_is_a_log_event(capsys):
     assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == [
         {"event": "log", "line": f"{MARKER}not json"}]
     assert out.events == []
+
+
+# ---- a real plain-mode log of the quickstart (`launch configs/examples/quickstart.yaml > log 2>&1`), job part only
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "logs" / "quickstart_plain.log"
+CAPTURED = FIXTURE.read_text().split("\n")[:-1]  # the lines as the old launcher printed them, nothing hidden
+RANK0 = "(RayTrainWorker pid=3344) "  # rank 0 prints the progress markers
+_STEP = re.compile(r"step (\d+)/(\d+)  loss ([\d.]+)  lr ([\d.e+-]+)  ([\d,]+) tok/s")
+_EVAL = re.compile(r"step (\d+): eval loss ([\d.]+) \(perplexity ([\d.]+)\)")
+
+# Ray's bookkeeping in that log, one family each: none of it may reach a person unless --verbose.
+BOOKKEEPING = [
+    "Runtime env is setting up", "Running entrypoint for job", "Connecting to existing Ray cluster",
+    "Connected to Ray cluster", "Starting execution of Dataset", "Execution plan of Dataset", "execution finished in",
+    "Progress bars disabled", "Tip: Use `take_batch()`", "Requesting resources", "Attempting to start training worker",
+    "Started training worker group", "world_rank=", "Setting up process group", "PreemptionWatcher",
+    "RayDeprecationWarning", "self.exclude_resources = exclude_resources", "Setting accelerator to CPU",
+    "deepspeed_shm_comm_op built successfully", "Checkpoint successfully created", "Reporting training result",
+    "across cluster]", "Ray deduplicates logs",
+]
+_OURS = re.compile(r"(\(RayTrainWorker pid=\d+\) )?((run|data:|model:|checkpoint saved:|model exported|done:) .*)")
+
+
+def job_log(lines: list[str]) -> str:
+    """The log the job wrote: the plain-mode step lines back into the progress markers they were printed from."""
+    out = []
+    for line in lines:
+        if m := _STEP.fullmatch(line):
+            event = {"step": int(m[1]), "total_steps": int(m[2]), "loss": float(m[3]), "lr": float(m[4]),
+                     "tokens_per_s": float(m[5].replace(",", ""))}
+        elif m := _EVAL.fullmatch(line):
+            event = {"step": int(m[1]), "eval_loss": float(m[2]), "eval_perplexity": float(m[3])}
+        else:
+            out.append(line)
+            continue
+        out.append(f"{RANK0}{MARKER}{json.dumps(event)}")
+    return "\n".join(out) + "\n"
+
+
+def is_bookkeeping(line: str) -> bool:
+    return any(family in line for family in BOOKKEEPING)
+
+
+def ours(line: str) -> str:
+    """Our own line as it should be shown: without the Ray prefix."""
+    m = _OURS.fullmatch(line)
+    return m[2] if m else line
+
+
+def run(text: str, console: Console, **kwargs) -> JobOutput:
+    out = JobOutput(console, **kwargs)
+    for i in range(0, len(text), 997):  # in chunks that cut lines
+        out.feed(text[i:i + 997])
+    out.close()
+    return out
+
+
+def plain(text: str, **kwargs) -> list[str]:
+    console = Console(file=io.StringIO(), force_terminal=False, width=80)
+    out = run(text, console, **kwargs)
+    assert not out.tty
+    return console.file.getvalue().split("\n")[:-1]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def tty(text: str, **kwargs) -> list[str]:
+    """What stays on a terminal's rows, less the progress bar's own rows."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    out = run(text, console, **kwargs)
+    assert out.tty
+    rows = [_ANSI.sub("", row).split("\r")[-1] for row in console.file.getvalue().split("\n")]  # \r + erase-line
+    assert rows[-1] == ""
+    return [row for row in rows[:-1] if not row.startswith("training ")]
+
+
+def test_the_fixture_is_the_quickstart_log():
+    assert len(CAPTURED) == 96
+    assert sum(bool(_STEP.fullmatch(x)) for x in CAPTURED) == 30
+    assert sum(bool(_EVAL.fullmatch(x)) for x in CAPTURED) == 1
+    assert all(not x.startswith(("starting a local Ray head", "submitted job", "job ")) for x in CAPTURED)
+
+
+def test_plain_output_hides_rays_bookkeeping():
+    shown = plain(job_log(CAPTURED))
+    leaked = [line for line in shown if is_bookkeeping(line)]
+    assert leaked == []
+    assert not any(x.startswith(("(SplitCoordinator", "(DatasetManager", "(TrainController")) for x in shown)
+
+
+def test_plain_output_is_one_line_per_event_in_order():
+    shown = plain(job_log(CAPTURED))
+    assert shown == [ours(x) for x in CAPTURED if not is_bookkeeping(x)]
+    steps = [x for x in shown if _STEP.fullmatch(x)]
+    assert steps == [x for x in CAPTURED if _STEP.fullmatch(x)]
+    assert [int(_STEP.fullmatch(x)[1]) for x in steps] == list(range(1, 31))
+    assert shown.count("step 30: eval loss 3.7547 (perplexity 42.72)") == 1
+
+
+def test_each_of_our_own_lines_appears_once_without_the_ray_prefix():
+    shown = plain(job_log(CAPTURED))
+    expected = [
+        "run quickstart/20261201-185214-3176 -> /tmp/llh-dev/runs/quickstart/20261201-185214-3176",
+        "data: 111 train sequences of 128 tokens, 6 eval; packing efficiency 99.3% (non-pad tokens), 2,037 loss "
+        "tokens; prepared in 10.1s",
+        "model: 139,584 parameters, 139,584 trainable; ZeRO stage 2; float32; starting at step 0/30",
+        "checkpoint saved: step 10", "checkpoint saved: step 20", "checkpoint saved: step 30",
+        "model exported to /tmp/llh-dev/runs/quickstart/20261201-185214-3176/model",
+        "done: model at /tmp/llh-dev/runs/quickstart/20261201-185214-3176/model",
+    ]
+    assert [x for x in shown if _OURS.fullmatch(x)] == expected
+
+
+def test_plain_output_is_what_a_terminal_shows_besides_the_bar():
+    text = job_log(CAPTURED)
+    shown = plain(text)
+    on_terminal = tty(text)
+    assert on_terminal == [x for x in shown if not _STEP.fullmatch(x)]
+    assert not any(_STEP.fullmatch(x) for x in on_terminal)  # the bar has them
+
+
+def test_the_fixture_as_captured_reads_the_same():
+    """The captured text itself (step lines as plain text, as `launch logs` of an old run's capture would give)."""
+    assert plain("\n".join(CAPTURED) + "\n") == [ours(x) for x in CAPTURED if not is_bookkeeping(x)]
+
+
+def test_verbose_brings_every_line_back():
+    text = job_log(CAPTURED)
+    assert plain(text, verbose=True) == CAPTURED
+    assert len(plain(text)) < len(CAPTURED)  # without it, they are hidden
+    assert tty(text, verbose=True) == [x for x in CAPTURED if not _STEP.fullmatch(x)]
+
+
+def test_json_mode_still_emits_every_line(capsys):
+    text = job_log(CAPTURED)
+    assert len(plain(text)) < len(CAPTURED)  # plain mode hides some ...
+    run(text, Console(file=io.StringIO(), force_terminal=False), json_mode=True)
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(events) == len(CAPTURED)  # ... --json hides nothing
+    for line, event in zip(text.split("\n"), events):
+        if MARKER in line:
+            assert event["event"] == "progress" and describe(event) in CAPTURED
+        else:
+            assert event == {"event": "log", "line": line}
+
+
+# ---- the rules on small logs
+
+def test_a_message_from_another_rank_is_shown_once_but_a_real_repeat_stays():
+    log = ("(RayTrainWorker pid=1) warning: tokenizer has no pad token\n"
+           "(RayTrainWorker pid=2) warning: tokenizer has no pad token\n"
+           "(RayTrainWorker pid=2, ip=10.0.0.2) warning: tokenizer has no pad token\n"
+           "(RayTrainWorker pid=1) warning: tokenizer has no pad token\n"
+           "(MapBatches(_tokenize) pid=7) warning: tokenizer has no pad token\n"
+           "warning: tokenizer has no pad token\n")
+    assert plain(log) == ["(RayTrainWorker pid=1) warning: tokenizer has no pad token",
+                          "(RayTrainWorker pid=1) warning: tokenizer has no pad token",
+                          "(MapBatches(_tokenize) pid=7) warning: tokenizer has no pad token",
+                          "warning: tokenizer has no pad token"]
+    assert plain(log, verbose=True) == log.split("\n")[:-1]
+
+
+def test_the_ranks_memory_is_bounded():
+    filler = "".join(f"(RayTrainWorker pid=1) line {i}\n" for i in range(300))
+    log = "(RayTrainWorker pid=1) same\n(RayTrainWorker pid=2) same\n" + filler + "(RayTrainWorker pid=2) same\n"
+    shown = plain(log)
+    assert shown[0] == "(RayTrainWorker pid=1) same" and shown[-1] == "(RayTrainWorker pid=2) same"
+    assert len(shown) == 302
+
+
+def test_our_lines_from_new_workers_are_not_taken_for_duplicates():
+    log = ("(RayTrainWorker pid=1) checkpoint saved: step 10\n"
+           "(TrainController pid=9) Worker group failed; restarting\n"
+           "(RayTrainWorker pid=5) resuming from /tmp/ckpt/step_00000010 (step 10)\n"
+           "(RayTrainWorker pid=5) checkpoint saved: step 10\n")
+    assert plain(log) == ["checkpoint saved: step 10", "(TrainController pid=9) Worker group failed; restarting",
+                          "resuming from /tmp/ckpt/step_00000010 (step 10)", "checkpoint saved: step 10"]
+
+
+NEEDED = [
+    "(RayTrainWorker pid=1) Traceback (most recent call last):",
+    '(RayTrainWorker pid=1)   File "/work/main/trainers/sft.py", line 60, in train_loop_per_worker',
+    "(RayTrainWorker pid=1) RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+    "Traceback (most recent call last):",
+    '  File "/work/main/trainers/entry.py", line 37, in main',
+    "    raise SystemExit(msg)",
+    "(SplitCoordinator pid=4) Traceback (most recent call last):",
+    "(SplitCoordinator pid=4) ValueError: column 'text' not found in the dataset",
+    "(DatasetManager pid=3) /data/prep.py:12: UserWarning: 3 rows are empty",
+    "(TrainController pid=2) [2026-12-01 18:52:42,145 E 3248 3276] core_worker.cc:2465: Actor died unexpectedly",
+    "(RayTrainWorker pid=1) [2026-12-01 18:52:45,252] [WARNING] [engine.py:1] gradient overflow, skipping step",
+    "2026-12-01 18:52:29,016 ERROR dataset.py:4568 -- Failed to read s3://bucket/train.jsonl",
+    "ERROR something failed",
+    "error: checkpoint.storage is not writable",
+    "(RayTrainWorker pid=1) Checkpoint loading failed: manifest missing",
+]
+
+
+def test_what_a_person_needs_is_never_hidden():
+    text = "\n".join(NEEDED) + "\n"
+    assert plain(text) == [ours(x) for x in NEEDED]
+    assert tty(text) == [ours(x) for x in NEEDED]
+
+
+@pytest.mark.parametrize("line", [
+    "2026-12-01 18:52:19,401 INFO dashboard_sdk.py:371 -- Uploading package gcs://_ray_pkg_a8ccb869b69af27d.zip.",
+    "2026-12-01 18:52:19,401 INFO packaging.py:785 -- Creating a file package for local module '/work/main/trainers'.",
+    "(RayTrainWorker pid=2) some message [repeated 3x across cluster]",
+    "(raylet) Ray deduplicates logs by default. Set RAY_DEDUP_LOGS=0 to disable log deduplication",
+])
+def test_other_bookkeeping_is_hidden(line):
+    assert plain(f"{line}\nafter\n") == ["after"]
+    assert plain(f"{line}\nafter\n", verbose=True) == [line, "after"]
