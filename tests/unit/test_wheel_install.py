@@ -32,7 +32,8 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
                    check=True, capture_output=True, cwd=work)
     [wheel] = (work / "dist").glob("llmlaunch-*.whl")
     prefix = work / "prefix"
-    subprocess.run([*pip, "install", "--no-deps", "--prefix", str(prefix), str(wheel)], check=True,
+    # --ignore-installed: otherwise pip uninstalls the checkout's own (editable) llmlaunch first.
+    subprocess.run([*pip, "install", "--no-deps", "--ignore-installed", "--prefix", str(prefix), str(wheel)], check=True,
                    capture_output=True, cwd=work)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
     env = {**os.environ, "PYTHONPATH": str(site), "HOME": str(work / "home"), "LLMLAUNCH_HOME": str(work / "lh")}
