@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -34,7 +35,7 @@ def run(
     detach: bool = typer.Option(False, "--detach", "-d", help="Submit and return; follow later with `launch logs`."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print what would be submitted; start nothing."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable events on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="On a terminal, also show Ray's own log lines."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own log lines, every rank's."),
     ephemeral: bool = typer.Option(False, "--ephemeral", help="Kubernetes: a RayJob whose cluster lives as long "
                                                               "as this run, instead of the persistent RayCluster."),
 ) -> None:
@@ -90,6 +91,11 @@ def run(
         address = prov.up(definition, on_progress=_say, **({"update": False} if kube else {}))
         if not kube:
             preflight.check_resources(spec, prov.status(definition))
+        if not verbose:  # Ray's client logs each package it uploads: bookkeeping, as in the job's log
+            import logging
+
+            for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         job_id = submit.submit(address, spec, run_id, local=not kube)
     _say(f"submitted job {job_id}; run directory {run_uri(spec.checkpoint.storage, spec.name, run_id)}")
     hints += [f"follow:  launch logs {job_id} -f --cluster {cluster}", f"cancel:  launch cancel {job_id} --cluster {cluster}"]
@@ -162,8 +168,16 @@ def _follow(address: str, job_id: str, hints: list[str], json_out: bool, verbose
     if end.status == "SUCCEEDED":
         _say(f"job {job_id} succeeded")
         return
+    _raise_job_user_error(out)
     raise JobFailed(f"job {job_id} {end.status.lower()}: {end.message.splitlines()[0] if end.message else ''}",
                     hint=f"full log: launch logs {job_id} --cluster ...")
+
+
+def _raise_job_user_error(out) -> None:
+    """A job that stopped on bad input (a data row, a missing package in the image) ends like
+    bad input given to the launcher: its one line, exit 2."""
+    if out.error:
+        raise UsageError(out.error["message"], hint=out.error.get("hint"))
 
 
 @app.command()
@@ -267,19 +281,24 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
     cluster: str = ClusterOpt,
     json_out: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own log lines, every rank's."),
 ) -> None:
     """Print a job's log (or follow it)."""
     address = _address(cluster, job_id)
     if follow:
-        _follow(address, job_id, [f"cancel:  launch cancel {job_id} --cluster {cluster}"], json_out)
+        _follow(address, job_id, [f"cancel:  launch cancel {job_id} --cluster {cluster}"], json_out, verbose)
         return
     from ray.job_submission import JobSubmissionClient
 
     from launcher.output import JobOutput
 
-    out = JobOutput(json_mode=json_out)
+    out = JobOutput(json_mode=json_out, verbose=verbose)
     out.feed(_job_call(lambda: JobSubmissionClient(address).get_job_logs(job_id), job_id))
     out.close()
+    if out.error and not json_out:
+        _say(f"error: {out.error['message']}")
+        if out.error.get("hint"):
+            _say(f"hint: {out.error['hint']}")
 
 
 @app.command()
@@ -340,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if debug:  # the job's user errors then carry their traceback too (trainers.user_errors)
+        from trainers.user_errors import DEBUG_ENV
+
+        os.environ[DEBUG_ENV] = "1"
     # `launch RUN.yaml ...` and `launch --cluster prod RUN.yaml` mean `launch run ...`.
     if argv and not any(a in COMMANDS for a in argv) and not set(argv) & {"--help", "-h"}:
         argv.insert(0, "run")

@@ -14,6 +14,9 @@ same for `launch logs` of a past job as for `launch run` / `launch logs -f`: one
 * Our own lines (`_OURS`: `run ...`, `data: ...`, `model: ...`, `checkpoint saved: ...`, ...) are
   shown without Ray's `(RayTrainWorker pid=N) ` prefix, and never hidden.
 
+A user error found inside the job (`LLMLAUNCH_ERROR {json}`, trainers.user_errors) is not
+printed here: it is kept in `error` for the launcher to report as `error: ...` (exit 2).
+
 `verbose=True` (`--verbose`) turns all of that off: every line as the job printed it. `--json`
 never hides or changes a line (programs filter for themselves); markers become progress events.
 """
@@ -28,7 +31,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from trainers import user_errors
+
 MARKER = "LLMLAUNCH_PROGRESS "  # trainers.sft.PROGRESS; not imported: that module needs torch
+ERROR_MARKER = user_errors.MARKER  # a user error found inside the job: kept for the launcher to report
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Ray's prefix on what its workers print: "(RayTrainWorker pid=3344) ", "(RayTrainWorker pid=3344, ip=10.0.0.2) ",
 # "(MapBatches(_tokenize_batch) pid=7) ", "(pid=7) ".
@@ -103,6 +109,7 @@ class JobOutput:
         self.hide_noise = not json_mode and not verbose
         self.buffer = ""
         self.events: list[dict[str, Any]] = []
+        self.error: dict[str, Any] | None = None  # {"message", "hint"} of a user error the job reported
         self.progress: Progress | None = None
         self.task = None
         self._shown: OrderedDict[tuple[str, str], tuple[str, str | None]] = OrderedDict()  # (actor, msg) -> pid, ip
@@ -131,6 +138,16 @@ class JobOutput:
             if isinstance(event, dict) and "step" in event and ("loss" in event or "eval_loss" in event):
                 self.events.append(event)
                 return self._progress(event)
+        if ERROR_MARKER in line:
+            try:
+                error = json.loads(line.split(ERROR_MARKER, 1)[1])
+            except json.JSONDecodeError:
+                error = None
+            if isinstance(error, dict) and "message" in error:
+                self.error = error  # the launcher prints it as `error: ...` and exits 2
+                if self.json_mode:
+                    print(json.dumps({"event": "error", **error}), flush=True)
+                return
         if self.json_mode:
             print(json.dumps({"event": "log", "line": line}), flush=True)
             return

@@ -22,6 +22,7 @@ from launcher.errors import LaunchTimeout, UsageError
 from trainers.entry import RUN_ID_ENV, SPEC_ENV
 from trainers.secrets_env import SECRETS_FILE_ENV
 from trainers.spec import AnyRun
+from trainers.user_errors import DEBUG_ENV
 
 # Variables a local cluster passes through from the launcher's environment: storage
 # endpoints and credentials, and the Hugging Face hub settings. Values are never printed.
@@ -55,6 +56,8 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
             env[SECRETS_FILE_ENV] = _write_secrets(secret, run_id)
         if "LLMLAUNCH_HOME" in os.environ:  # the model cache lives there too
             env["LLMLAUNCH_HOME"] = os.environ["LLMLAUNCH_HOME"]
+    if os.environ.get(DEBUG_ENV):
+        env[DEBUG_ENV] = "1"
     env[SPEC_ENV] = json.dumps(for_cluster(spec))
     env[RUN_ID_ENV] = run_id
     # Ray Train's controller polls workers at this interval; the 2 s default adds idle

@@ -100,9 +100,10 @@ def prepare_data(spec: AnyRun) -> data.Prepared:
     rather than as a traceback through Ray Data's internals."""
     import logging
 
-    # Ray Data logs an error header for every failed task; the failure is reported below
-    # (or re-raised with its full traceback), so the header only adds noise.
-    quiet = _DropRecords("Exception occurred in user code", "An exception was raised from a task")
+    # Ray Data logs a failed task's error and stack itself; the failure is reported below as
+    # one line, or re-raised with its full traceback, so those records would only repeat it.
+    quiet = _DropRecords("Exception occurred in user code", "Exception occurred in Ray Data or Ray Core",
+                         "Full stack trace", "An exception was raised from a task")
     loggers = [logging.getLogger(n) for n in ("ray.data.exceptions",
                                               "ray.data._internal.execution.streaming_executor_state")]
     for logger in loggers:

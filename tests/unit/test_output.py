@@ -361,3 +361,25 @@ def test_what_a_person_needs_is_never_hidden():
 def test_other_bookkeeping_is_hidden(line):
     assert plain(f"{line}\nafter\n") == ["after"]
     assert plain(f"{line}\nafter\n", verbose=True) == [line, "after"]
+
+
+def test_a_user_error_from_the_job_is_kept_for_the_launcher_not_printed():
+    from trainers.user_errors import MARKER as ERROR
+
+    error = {"message": "data.train[0] (format messages): f.jsonl line 9: `messages[1]` has role 'bot'", "hint": "fix"}
+    log = f"run x -> /r\n(pid=1) some line\n{ERROR}{json.dumps(error)}\n"
+    console = Console(file=io.StringIO(), force_terminal=False, width=80)
+    out = JobOutput(console)
+    out.feed(log)
+    out.close()
+    assert out.error == error
+    assert ERROR.strip() not in console.file.getvalue()
+
+
+def test_a_user_error_is_an_event_in_json_mode(capsys):
+    from trainers.user_errors import MARKER as ERROR
+
+    out = JobOutput(json_mode=True)
+    out.feed(f'{ERROR}{{"message": "bad", "hint": null}}\n')
+    out.close()
+    assert json.loads(capsys.readouterr().out) == {"event": "error", "message": "bad", "hint": None}
