@@ -35,6 +35,7 @@ from trainers import user_errors
 
 MARKER = "LLMLAUNCH_PROGRESS "  # trainers.sft.PROGRESS; not imported: that module needs torch
 ERROR_MARKER = user_errors.MARKER  # a user error found inside the job: kept for the launcher to report
+TRIAL_MARKER = "LLMLAUNCH_TRIAL "  # trainers.tune.TRIAL_MARKER: one line per trial event of a search
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Ray's prefix on what its workers print: "(RayTrainWorker pid=3344) ", "(RayTrainWorker pid=3344, ip=10.0.0.2) ",
 # "(MapBatches(_tokenize_batch) pid=7) ", "(pid=7) ".
@@ -78,6 +79,9 @@ _NOISE_FAMILIES: list[tuple[str, str]] = [
     ("shm comm op", r"^DeepSpeed deepspeed\.ops\.comm\.deepspeed_shm_comm_op built successfully$"),
     # Ray Train's per-report lines, from every rank (ours say "checkpoint saved: step N" once).
     ("train report", r"^(?:Checkpoint successfully created at\b|Reporting training result \d+: )"),
+    # Ray Tune and Train around the trials of a search (trial events are ours: LLMLAUNCH_TRIAL lines).
+    ("tune state", _ray_log("INFO", "tune", r"Wrote the latest version of all result files")),
+    ("train pg cleanup", r"^Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group"),
     # Ray's log deduplication: a summary of a line it already printed once, and its notice.
     ("log dedup", r"\[repeated \d+x across cluster\]|Ray deduplicates logs by default|configure-logging\.html"
                   r"|^RAY_DEDUP_LOGS"),
@@ -92,7 +96,29 @@ _REMEMBER = 256  # messages remembered to tell one rank's line from the same lin
 _NONE = object()  # no source: unprefixed lines have source None
 
 
+def describe_trial(event: dict[str, Any]) -> str:
+    trial, kind = event.get("trial"), event.get("event")
+    value = f"{event.get('metric', 'metric')} {event['value']:.4f}" if isinstance(event.get("value"), float) else ""
+    if kind == "started":
+        return f"trial {trial} started: " + "  ".join(f"{k}={_short(v)}" for k, v in (event.get("config") or {}).items())
+    if kind == "result":
+        return f"trial {trial} step {event.get('step')}: {value}"
+    if kind == "stopped":
+        return f"trial {trial} stopped early by the scheduler at step {event.get('step')}"
+    if kind == "finished":
+        return f"trial {trial} finished at step {event.get('step')}"
+    if kind == "errored":
+        return f"trial {trial} errored: {event.get('error', '')}"
+    return f"trial {trial} {kind}"
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def describe(event: dict[str, Any]) -> str:
+    if "trial" in event:
+        return f"trial {event['trial']} " + describe({k: v for k, v in event.items() if k != "trial"})
     if "eval_loss" in event:
         return f"step {event['step']}: eval loss {event['eval_loss']:.4f} (perplexity {event['eval_perplexity']:.2f})"
     return (f"step {event['step']}/{event['total_steps']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
@@ -107,6 +133,7 @@ class JobOutput:
         self.json_mode = json_mode
         self.tty = self.console.is_terminal and not json_mode
         self.hide_noise = not json_mode and not verbose
+        self.verbose = verbose
         self.buffer = ""
         self.events: list[dict[str, Any]] = []
         self.error: dict[str, Any] | None = None  # {"message", "hint"} of a user error the job reported
@@ -137,7 +164,21 @@ class JobOutput:
                 event = None
             if isinstance(event, dict) and "step" in event and ("loss" in event or "eval_loss" in event):
                 self.events.append(event)
+                if "trial" in event and not self.json_mode and not (self.verbose and not self.tty):
+                    return  # a search: its trials' steps are summarised by their trial lines
                 return self._progress(event)
+        if TRIAL_MARKER in line:
+            try:
+                event = json.loads(line.split(TRIAL_MARKER, 1)[1])
+            except json.JSONDecodeError:
+                event = None
+            if isinstance(event, dict) and "trial" in event:
+                self.events.append({"trial_event": event})
+                if self.json_mode:
+                    print(json.dumps({"event": "trial", **event}, default=str), flush=True)
+                else:
+                    self._print(describe_trial(event))
+                return
         if ERROR_MARKER in line:
             try:
                 error = json.loads(line.split(ERROR_MARKER, 1)[1])

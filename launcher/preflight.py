@@ -28,6 +28,11 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
         issues += [SpecIssue(f"env.{name}", "looks like a credential: on a remote cluster it would sit in the job's "
                              "runtime_env in plain text; put it in the cluster's storage_secret") for name in spec.env
                    if looks_secret(name)]
+    if spec.tune is not None:
+        from trainers.tune_spec import search_space_problems
+
+        issues += [SpecIssue(path, msg, value, suggestion) for path, msg, value, suggestion
+                   in search_space_problems(spec.model_dump(mode="json"), type(spec))]
     gpus = spec.resources.gpus_per_worker
     use_gpu = use_gpu or remote or (isinstance(gpus, int) and gpus > 0)
     ds_cfg: dict = {}

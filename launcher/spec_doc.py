@@ -11,7 +11,7 @@ from trainers.spec import PretrainRun, SftRun
 
 
 def _type_name(annotation) -> str:
-    text = str(annotation).replace("typing.", "").replace("trainers.spec.", "")
+    text = str(annotation).replace("typing.", "").replace("trainers.spec.", "").replace("trainers.tune_spec.", "")
     return getattr(annotation, "__name__", text) if not typing.get_args(annotation) else text
 
 
@@ -24,7 +24,7 @@ def _submodels(annotation) -> list[type[BaseModel]]:
 def _section(prefix: str, model: type[BaseModel], out: list[str], seen: set) -> None:
     out += [f"## `{prefix or 'top level'}`", ""]
     if model.__doc__ and prefix:
-        out += [model.__doc__.strip().splitlines()[0], ""]
+        out += [" ".join(model.__doc__.strip().split("\n\n")[0].split()), ""]  # its first paragraph
     out += ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
     nested = []
     for name, field in model.model_fields.items():

@@ -43,11 +43,15 @@ def run_job() -> int:
         raise JobUserError("checkpoint.storage is empty", hint="submit runs with `launch`, which fills the default")
     check_data(spec)
     run = checkpoint.run_uri(spec.checkpoint.storage, spec.name, run_id)
+    if spec.tune is not None and spec.checkpoint.resume == "auto":
+        from trainers import tune
+
+        run = tune.find_unfinished_search(spec) or run  # the same command continues the search
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
     print(f"run {spec.name}/{run_id} -> {run}", flush=True)
     storage.write_text(storage.join(run, "spec.yaml"), yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
-    resume_from = pick_resume(spec)
+    resume_from = pick_resume(spec) if spec.tune is None else None  # trials resume from their own
     t0 = time.perf_counter()
     prepared = prepare_data(spec)
     print(f"data: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} eval; "
@@ -61,13 +65,20 @@ def run_job() -> int:
                            hint="add data or lower train.global_batch_size / micro_batch_size")
     total_steps = spec.train.max_steps or max(1, math.ceil(per_epoch * spec.train.epochs))
 
-    result = fit(spec, run, prepared, per_epoch, total_steps, resume_from)
-    summary = {"status": "completed", "run": run, "model": storage.join(run, "model"),
-               "total_steps": total_steps, "metrics": result.metrics, "finished_at": time.time()}
-    if spec.model.peft is not None:
-        summary["adapter"] = storage.join(run, "adapter")
+    if spec.tune is not None:
+        from trainers import tune
+
+        summary = tune.run_search(spec, run, prepared, per_epoch, total_steps)
+        summary.update(total_steps=total_steps, finished_at=time.time())
+    else:
+        result = fit(spec, run, prepared, per_epoch, total_steps, resume_from)
+        summary = {"status": "completed", "run": run, "model": storage.join(run, "model"),
+                   "total_steps": total_steps, "metrics": result.metrics, "finished_at": time.time()}
+        if spec.model.peft is not None:
+            summary["adapter"] = storage.join(run, "adapter")
     storage.write_text(storage.join(run, checkpoint.RESULT), json.dumps(summary, indent=1))
-    print(f"done: model at {summary['model']}", flush=True)
+    if "model" in summary:
+        print(f"done: model at {summary['model']}", flush=True)
     return 0
 
 
@@ -163,7 +174,10 @@ def pick_resume(spec: AnyRun) -> str | None:
     return ckpt
 
 
-def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_steps: int, resume_from: str | None):
+def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_steps: int, resume_from: str | None,
+        *, trial: str | None = None, callbacks: list | None = None):
+    """One training run: a TorchTrainer of the method's loop, checkpoints in `<run>/checkpoints`.
+    A search runs each trial through here too (`trial`, Tune's report callback)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -183,12 +197,12 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
         train_loop_per_worker=loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run, "total_steps": total_steps,
                            "steps_per_epoch": per_epoch, "resume_from": resume_from,
-                           "has_eval": prepared.eval is not None},
+                           "has_eval": prepared.eval is not None, "trial": trial},
         scaling_config=ScalingConfig(num_workers=spec.resources.workers, use_gpu=bool(gpus),
                                      resources_per_worker=resources, accelerator_type=spec.resources.accelerator_type),
         # Ray wants `bucket/prefix` with the filesystem, not `s3://bucket/prefix`.
         run_config=RunConfig(name="checkpoints", storage_path=run_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0), callbacks=callbacks or []),
         datasets=datasets,
     )
     return trainer.fit()

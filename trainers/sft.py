@@ -33,6 +33,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_gpu = torch.cuda.is_available()
     lora = spec.model.peft is not None
     torch.manual_seed(spec.train.seed + rank)
+    trial = {"trial": config["trial"]} if config.get("trial") else {}  # a trial of a search: tag its lines
 
     # ---- model, tokenizer, engine
     model_dir = models.local_model_dir(spec.model.path)
@@ -77,31 +78,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.tokens_seen += tokens
             metrics = {"step": state.step, "epoch": state.epoch, "loss": round(loss_avg, 6),
                        "lr": engine.get_lr()[0], "tokens_per_s": round(tokens / elapsed, 1),
-                       "tokens_seen": state.tokens_seen, "total_steps": total_steps}
+                       "tokens_seen": state.tokens_seen, "total_steps": total_steps, **trial}
             state.metrics.append(metrics)
             if rank == 0:
                 print(PROGRESS + json.dumps(metrics), flush=True)
             window_start, window_tokens = time.perf_counter(), 0
 
+        evaluated = False
         if eval_shard is not None and (done or (spec.train.eval_every and state.step % spec.train.eval_every == 0)):
             eval_loss = evaluate(engine, eval_shard, spec.train.micro_batch_size)
             if eval_loss is not None:
+                evaluated = True
                 state.metrics.append({"step": state.step, "eval_loss": round(eval_loss, 6),
-                                      "eval_perplexity": round(math.exp(min(eval_loss, 50)), 4)})
+                                      "eval_perplexity": round(math.exp(min(eval_loss, 50)), 4), **trial})
                 if rank == 0:
                     print(PROGRESS + json.dumps(state.metrics[-1]), flush=True)
             engine.train()
 
         every = spec.checkpoint.every_n_steps
-        if (every and state.step % every == 0) or done:
+        save_now = (every and state.step % every == 0) or done
+        if save_now or evaluated:
             latest = {"step": state.step}  # this step's train and eval metrics, for Ray (and Tune)
             for m in state.metrics:
                 if m["step"] == state.step:
                     latest.update(m)
-            checkpoint.save(engine, state, run, latest, keep=spec.checkpoint.keep, lora=lora)
-            if rank == 0:
-                checkpoint.write_metrics(run, state.metrics)
-                print(f"checkpoint saved: step {state.step}", flush=True)
+            if save_now:
+                checkpoint.save(engine, state, run, latest, keep=spec.checkpoint.keep, lora=lora)
+                if rank == 0:
+                    checkpoint.write_metrics(run, state.metrics)
+                    print(f"checkpoint saved: step {state.step}", flush=True)
+            else:  # metrics only: a search compares its trials at every evaluation
+                ray.train.report(latest)
 
     # ---- export
     checkpoint.export(engine, tokenizer, run, model_dir, models.torch_dtype(dtype), lora)

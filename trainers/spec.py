@@ -12,11 +12,14 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from trainers.tune_spec import TuneSpec
+
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
 
 
 class LoraSpec(Strict):
@@ -196,6 +199,9 @@ class _RunBase(Strict):
     (local: the launcher's environment). Values never appear in the spec or logs."""
     defaults: list[str] = []
     """Spec files merged under this one, in order (resolved by the launcher)."""
+    tune: TuneSpec | None = None
+    """A hyperparameter search: every trial is a whole run of this spec with values sampled
+    from `search_space` (see docs/tune.md). Omit for a single run."""
 
     @field_validator("env")
     @classmethod
@@ -208,6 +214,23 @@ class _RunBase(Strict):
         if not NAME_RE.match(v):
             raise ValueError("use 1-52 lowercase letters, digits and '-', starting and ending alphanumeric")
         return v
+
+    @model_validator(mode="after")
+    def _tune_needs_its_metric(self) -> "_RunBase":
+        t = self.tune
+        if t is None:
+            return self
+        data_paths = [p for p in t.search_space if p.startswith("data.")]
+        if data_paths:
+            raise ValueError(f"tune.search_space: searching data fields ({', '.join(data_paths)}) is not "
+                             "supported yet: the data is prepared once for all trials")
+        if t.metric.startswith("eval_") and not (self.data.eval or self.data.eval_fraction > 0):
+            raise ValueError(f"tune.metric {t.metric} needs eval data: set data.eval or data.eval_fraction")
+        if t.scheduler.type == "asha" and t.metric.startswith("eval_") and not self.train.eval_every:
+            raise ValueError("tune.scheduler asha compares trials at every evaluation: set train.eval_every")
+        if t.scheduler.type == "asha" and not self.train.max_steps and not t.scheduler.max_t:
+            raise ValueError("tune.scheduler asha needs train.max_steps (or scheduler.max_t): its rungs are steps")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "_RunBase":

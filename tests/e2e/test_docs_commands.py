@@ -31,6 +31,7 @@ RUN_ELSEWHERE = {
     "launch configs/examples/prod_sft.yaml --cluster prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
     "launch configs/examples/prod_sft.yaml --cluster prod --ephemeral": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
     "launch down prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    "launch configs/examples/tune_lora.yaml": "tests/integration/test_tune.py (the run on the session's S3 server)",
 }
 
 

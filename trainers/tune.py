@@ -1,0 +1,317 @@
+"""A hyperparameter search: the run spec's `tune:` section, run by Ray Tune in the job.
+
+Ray 2.60 with Train V2: `Tuner(TorchTrainer)` fails, so each trial is a function that
+builds its own TorchTrainer (`trainers.entry.fit`, the same call a single run makes) with
+`TuneReportCallback`, so every `ray.train.report` of rank 0 reaches Tune. A method added
+later is searchable for free: the trial runs the same loop a single run does.
+
+Layout: `<run>/trials/<trial-id>/{checkpoints/, metrics.jsonl, model/}`, Tune's own state
+in `<run>/tune/`, and at the end `<run>/tune/results.csv`, `<run>/tune/trials.png`,
+`<run>/best.yaml` and the best trial's `model/` (and `adapter/`) copied to `<run>/`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+from typing import Any
+
+import yaml
+
+from trainers import checkpoint, data, storage
+from trainers.spec import AnyRun, parse_spec
+from trainers.tune_spec import Distribution, set_path
+
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+TRIAL_MARKER = "LLMLAUNCH_TRIAL "  # one JSON line per trial event, for the launcher
+DRIVER_CPUS = 1  # what each trial's driver (the function that calls fit()) reserves
+
+
+def ray_distribution(d: Distribution):
+    from ray import tune
+
+    lo_hi = d.args
+    return {"uniform": lambda: tune.uniform(*lo_hi), "loguniform": lambda: tune.loguniform(*lo_hi),
+            "randint": lambda: tune.randint(lo_hi[0], lo_hi[1] + 1),  # ours includes the upper bound
+            "choice": lambda: tune.choice(lo_hi), "grid": lambda: tune.grid_search(lo_hi)}[d.kind]()
+
+
+def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> AnyRun:
+    """The whole spec of one trial, validated again: a sampled combination the spec refuses
+    (a global batch no longer divisible...) fails this trial with that message."""
+    spec = copy.deepcopy(base)
+    spec["tune"] = None
+    for path, value in values.items():
+        set_path(spec, path, value)
+    from pydantic import ValidationError
+
+    try:
+        return parse_spec(spec)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"sampled values {values} make an invalid spec: {problems}") from None
+
+
+def capacity_concurrency(spec: AnyRun, resources: dict[str, float]) -> int:
+    """Trials the cluster holds at once: each needs its workers plus its driver's CPU.
+    More would wait for placement groups that never come (Ray Train retries forever)."""
+    r = spec.resources
+    cpus = r.workers * r.cpus_per_worker + DRIVER_CPUS
+    fits = [resources.get("CPU", 0) // cpus]
+    gpus = r.gpus_per_worker if r.gpus_per_worker != "auto" else (1 if resources.get("GPU", 0) else 0)
+    if gpus:
+        fits.append(resources.get("GPU", 0) // (r.workers * gpus))
+    return max(1, int(min(fits)))
+
+
+def _event(kind: str, trial, **fields) -> None:
+    print(TRIAL_MARKER + json.dumps({"event": kind, "trial": trial.trial_id, **fields}, default=str), flush=True)
+
+
+def _sampled(trial, paths) -> dict[str, Any]:
+    return {p: trial.config.get(p) for p in paths}
+
+
+def _callback(spec: AnyRun, total_steps: int):
+    from ray.tune import Callback
+
+    metric, paths = spec.tune.metric, list(spec.tune.search_space)
+
+    class TrialEvents(Callback):
+        """One line per trial event: started, reported, stopped early, finished, errored."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            _event("started", trial, config=_sampled(trial, paths))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if metric in result:
+                _event("result", trial, step=result.get("step"), metric=metric, value=result[metric])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            step = (trial.last_result or {}).get("step") or 0
+            _event("finished" if step >= total_steps else "stopped", trial, step=step,
+                   value=(trial.last_result or {}).get(metric))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            message = str(trial.error_file or "")
+            try:
+                message = (trial.get_error() and str(trial.get_error())) or message
+            except Exception:
+                pass
+            _event("errored", trial, error=message.strip().splitlines()[-1][:500] if message.strip() else "")
+
+    return TrialEvents()
+
+
+def run_search(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_steps: int) -> dict[str, Any]:
+    """Run the search; returns the summary written to `<run>/result.json`."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainers import entry
+
+    t = spec.tune
+    base = spec.model_dump(mode="json")
+    fs, tune_path = storage.filesystem(run)
+
+    def trial(config: dict[str, Any]) -> None:
+        trial_id = tune.get_context().get_trial_id()
+        values = {p: config[p] for p in t.search_space}
+        one = trial_spec(base, values)
+        trial_run = storage.join(run, TRIALS_DIR, trial_id)
+        done = checkpoint.complete_checkpoints(trial_run)
+        entry.fit(one, trial_run, prepared, per_epoch, total_steps, done[-1] if done else None,
+                  trial=trial_id, callbacks=[TuneReportCallback()])
+
+    concurrency = capacity_concurrency(spec, ray.cluster_resources())
+    if t.max_concurrent_trials:
+        concurrency = min(concurrency, t.max_concurrent_trials)
+    print(f"search: {t.num_samples} sample(s) of {len(t.search_space)} value(s), {concurrency} trial(s) at once, "
+          f"scheduler {t.scheduler.type}, search {t.search}; trials in {storage.join(run, TRIALS_DIR)}", flush=True)
+    seed = t.seed if t.seed is not None else spec.train.seed
+    tune_config = tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                                  max_concurrent_trials=concurrency, scheduler=_scheduler(spec, total_steps),
+                                  search_alg=_search_alg(spec, seed, concurrency), time_budget_s=t.time_budget_s)
+    trainable = tune.with_resources(trial, {"CPU": DRIVER_CPUS})
+    run_config = tune.RunConfig(name=TUNE_DIR, storage_path=tune_path, storage_filesystem=fs, verbose=0,
+                                callbacks=[_callback(spec, total_steps)],
+                                failure_config=tune.FailureConfig(max_failures=0))
+    experiment = storage.join(run, TUNE_DIR)
+    if tune.Tuner.can_restore(experiment):
+        print(f"search: resuming from {experiment}", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, param_space=_param_space(spec))
+    else:
+        tuner = tune.Tuner(trainable, param_space=_param_space(spec), tune_config=tune_config, run_config=run_config)
+    results = tuner.fit()
+    return summarize(spec, run, results, total_steps)
+
+
+def _param_space(spec: AnyRun) -> dict[str, Any]:
+    return {path: ray_distribution(d) for path, d in spec.tune.search_space.items()}
+
+
+def _scheduler(spec: AnyRun, total_steps: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.tune.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="step", max_t=s.max_t or total_steps, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    return FIFOScheduler()
+
+
+def _search_alg(spec: AnyRun, seed: int, concurrency: int):
+    if spec.tune.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))  # Tune bounds a Searcher's concurrency
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune ignores max_concurrent_trials for this one: it bounds itself.
+    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+
+
+# ---------------------------------------------------------------- the end of a search
+
+def summarize(spec: AnyRun, run: str, results, total_steps: int) -> dict[str, Any]:
+    t = spec.tune
+    paths = list(t.search_space)
+    better = min if t.mode == "min" else max
+    rows = []
+    for r in results:
+        history = _history(r, t.metric)
+        values = [v for _, v in history]
+        rows.append({
+            "trial": _trial_id(r),
+            **{p: r.config.get(p) for p in paths},
+            "steps": (r.metrics or {}).get("step", 0),
+            f"best_{t.metric}": better(values) if values else None,
+            f"last_{t.metric}": values[-1] if values else None,
+            "status": "errored" if r.error else ("completed" if (r.metrics or {}).get("step", 0) >= total_steps
+                                                 else "stopped early"),
+            "history": history,
+        })
+    ranked = sorted([row for row in rows if row[f"best_{t.metric}"] is not None],
+                    key=lambda row: row[f"best_{t.metric}"], reverse=t.mode == "max")
+    ranked += [row for row in rows if row[f"best_{t.metric}"] is None]
+    tune_dir = storage.join(run, TUNE_DIR)
+    storage.write_text(storage.join(tune_dir, "results.csv"), _csv(ranked, paths, t.metric))
+    _plot(ranked, t.metric, storage.join(tune_dir, "trials.png"))
+    print(_table(ranked, paths, t.metric), flush=True)
+    summary: dict[str, Any] = {"status": "completed", "run": run, "trials": len(rows),
+                               "results": storage.join(tune_dir, "results.csv")}
+    completed = [row for row in ranked if row["status"] == "completed"]
+    if not completed:
+        summary["status"] = "no trial completed"
+        return summary
+    best = completed[0]
+    best_spec = trial_spec(spec.model_dump(mode="json"), {p: best[p] for p in paths}).model_dump(mode="json")
+    best_spec.pop("tune", None)
+    best_spec["checkpoint"]["resume"] = "never"
+    storage.write_text(storage.join(run, "best.yaml"),
+                       f"# best trial {best['trial']} of {run}: {t.metric} {best[f'best_{t.metric}']}\n"
+                       + yaml.safe_dump(best_spec, sort_keys=False))
+    trial_run = storage.join(run, TRIALS_DIR, best["trial"])
+    for part in ("model", "adapter"):
+        if storage.exists(storage.join(trial_run, part)):
+            _copy_tree(storage.join(trial_run, part), storage.join(run, part))
+            summary[part] = storage.join(run, part)
+    summary.update(best_trial=best["trial"], best_config={p: best[p] for p in paths},
+                   best_metric=best[f"best_{t.metric}"], metric=t.metric, best_spec=storage.join(run, "best.yaml"))
+    print(f"best trial {best['trial']}: {t.metric} {best[f'best_{t.metric}']:.6g} with "
+          + ", ".join(f"{p}={best[p]}" for p in paths), flush=True)
+    return summary
+
+
+def _trial_id(result) -> str:
+    """The id trials name their run directory by (tune.get_context().get_trial_id()): in every
+    reported result; else from Tune's directory `<trainable>_<id>_<index>_<config...>`."""
+    if result.metrics and result.metrics.get("trial_id"):
+        return result.metrics["trial_id"]
+    parts = os.path.basename(result.path.rstrip("/")).split("_")
+    return "_".join(parts[1:3]) if len(parts) > 2 else parts[-1]
+
+
+def _history(result, metric: str) -> list[tuple[int, float]]:
+    df = result.metrics_dataframe
+    if df is None or metric not in df or "step" not in df:
+        return []
+    rows = df[["step", metric]].dropna()
+    return [(int(s), float(v)) for s, v in zip(rows["step"], rows[metric]) if not math.isnan(float(v))]
+
+
+def _csv(rows, paths, metric) -> str:
+    out = io.StringIO()
+    fields = ["rank", "trial", *paths, "steps", f"best_{metric}", f"last_{metric}", "status"]
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for i, row in enumerate(rows, 1):
+        writer.writerow({"rank": i, **row})
+    return out.getvalue()
+
+
+def _table(rows, paths, metric) -> str:
+    head = ["#", "trial", *paths, "steps", f"best {metric}", "status"]
+    body = [[str(i), r["trial"], *(_fmt(r[p]) for p in paths), str(r["steps"]),
+             _fmt(r[f"best_{metric}"]), r["status"]] for i, r in enumerate(rows, 1)]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
+    return "search results:\n" + "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _plot(rows, metric: str, uri: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["history"]:
+            steps, values = zip(*r["history"])
+            ax.plot(steps, values, marker="o", linestyle="--" if r["status"] == "stopped early" else "-",
+                    label=f"{r['trial']} ({r['status']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial (dashed: stopped early)")
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fs, path = storage.filesystem(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(buf.getvalue())
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(src, tmp)
+        storage.upload_dir(tmp, dst)
+
+
+def find_unfinished_search(spec: AnyRun) -> str | None:
+    """The run directory of this name's newest search that has Tune state and no result:
+    running the same command again resumes it (`checkpoint.resume: auto`)."""
+    root = storage.join(spec.checkpoint.storage, spec.name)
+    for run_id in reversed(storage.list_dir(root)):
+        run = storage.join(root, run_id)
+        if storage.exists(storage.join(run, TUNE_DIR)) and not storage.exists(storage.join(run, checkpoint.RESULT)):
+            return run
+    return None
+

@@ -1,0 +1,206 @@
+"""The `tune:` section of a run spec: a hyperparameter search over spec paths.
+
+Pure pydantic (imported by the launcher): the models, and `search_space_problems`, which
+checks every path against the spec's own schema and every distribution's values against
+that field's own constraints, by validating the spec with each candidate value in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
+
+
+class Distribution(_Strict):
+    """One of: `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}` (lo > 0), `{randint: [lo, hi]}`
+    (integers, both ends included), `{choice: [a, b, ...]}` (sampled), `{grid: [a, b, ...]}`
+    (every value, `num_samples` times each)."""
+
+    uniform: tuple[float, float] | None = None
+    """Uniform between the two bounds."""
+    loguniform: tuple[float, float] | None = None
+    """Log-uniform between the two (positive) bounds: the usual choice for learning rates."""
+    randint: tuple[int, int] | None = None
+    """An integer between the two bounds, both included."""
+    choice: list[Any] | None = Field(None, min_length=1)
+    """One of the values, sampled."""
+    grid: list[Any] | None = Field(None, min_length=1)
+    """Every value (a grid search; not with `search: optuna`)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Distribution":
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(KINDS)}" + (f"; got {', '.join(given)}" if given else ""))
+        kind = given[0]
+        if kind in ("uniform", "loguniform", "randint"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind}: the lower bound ({lo}) must be below the upper bound ({hi})")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform: bounds must be positive (got {lo})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    def candidates(self) -> list[Any]:
+        """Values to check against the field's constraints: the bounds, or every option."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        lo, hi = self.args
+        return [lo, hi] if self.kind == "randint" else [lo, (lo + hi) / 2 if self.kind == "uniform"
+                                                         else math.sqrt(lo * hi), hi]
+
+
+class AshaSpec(_Strict):
+    """Asynchronous successive halving: trials are compared at steps grace_period x
+    reduction_factor^k; the worst stop early and free their resources."""
+
+    type: Literal["asha"]
+    grace_period: int = Field(1, gt=0)
+    """Optimizer steps a trial runs before it may be stopped."""
+    reduction_factor: float = Field(2, gt=1)
+    """At each rung, 1 / reduction_factor of the trials go on."""
+    max_t: int | None = Field(None, gt=0)
+    """Steps of a trial that is never stopped (default: `train.max_steps`)."""
+
+
+class FifoSpec(_Strict):
+    """Every trial runs to the end."""
+
+    type: Literal["fifo"]
+
+
+SchedulerSpec = Union[AshaSpec, FifoSpec]
+
+
+class TuneSpec(_Strict):
+    """Hyperparameter search: each trial is a whole run of this spec with sampled values."""
+
+    search_space: dict[str, Distribution] = Field(min_length=1)
+    """Spec paths and their distributions, e.g. `train.lr: {loguniform: [1e-5, 1e-3]}`,
+    `model.peft.r: {choice: [8, 16, 64]}`."""
+    metric: str = "eval_loss"
+    """The reported metric trials are compared by (`eval_loss` needs eval data)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    num_samples: int = Field(1, gt=0)
+    """Trials to sample (with `grid` values: repeats of the whole grid)."""
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    """Trials at once. Default: as many as the cluster holds (each trial: its workers plus
+    one CPU for its driver); never more."""
+    scheduler: SchedulerSpec = Field(FifoSpec(type="fifo"), discriminator="type")
+    """`{type: fifo}` or `{type: asha, grace_period, reduction_factor, max_t}`."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """How values are chosen: `random` (and every `grid` value), or Optuna's TPE."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop starting and running trials after this many seconds."""
+    seed: int | None = None
+    """Seed of the search algorithm (default: `train.seed`)."""
+
+    @model_validator(mode="after")
+    def _search_fits_space(self) -> "TuneSpec":
+        grids = [p for p, d in self.search_space.items() if d.kind == "grid"]
+        if self.search == "optuna" and grids:
+            raise ValueError(f"search: optuna cannot search a grid ({', '.join(grids)}); use choice")
+        if self.search == "grid" and len(grids) != len(self.search_space):
+            others = [p for p, d in self.search_space.items() if d.kind != "grid"]
+            raise ValueError(f"search: grid needs grid values everywhere; {', '.join(others)} are not")
+        return self
+
+
+# ---------------------------------------------------------------- paths against the schema
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _models_of(a)]
+
+
+def path_problem(run_model: type[BaseModel], path: str) -> tuple[str, str | None] | None:
+    """(what is wrong, did-you-mean) when `path` names no field of the spec, else None."""
+    models = [run_model]
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = {name: f for m in models for name, f in m.model_fields.items()}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the spec"
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            suggestion = ".".join([*parts[:i], close[0]]) if close else None
+            return f"`{part}` is not a field of {where}", suggestion
+        if part in ("tune", "name", "method", "defaults"):
+            return f"`{path}` cannot be searched", None
+        models = _models_of(fields[part].annotation)
+        if i < len(parts) - 1 and not models:
+            return f"`{'.'.join(parts[:i + 1])}` has no fields", None
+    if models and not any(m.model_fields.get(parts[-1]) for m in models):  # a section, not a value
+        return f"`{path}` is a section; search one of its fields", None
+    return None
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
+
+
+def search_space_problems(spec_data: dict[str, Any], run_model: type[BaseModel]) -> list[tuple[str, str, Any, str | None]]:
+    """(YAML path, message, value, suggestion) for every search-space path that names no
+    field, and every candidate value the field itself refuses."""
+    tune = spec_data.get("tune") or {}
+    problems = []
+    for path, dist in (tune.get("search_space") or {}).items():
+        where = f"tune.search_space.{path}"
+        found = path_problem(run_model, path)
+        if found:
+            problems.append((where, found[0], None, f"tune.search_space.{found[1]}" if found[1] else None))
+            continue
+        d = Distribution.model_validate(dist) if not isinstance(dist, Distribution) else dist
+        for value in d.candidates():
+            trial = copy.deepcopy(spec_data)
+            trial.pop("tune", None)
+            set_path(trial, path, value)
+            try:
+                run_model.model_validate(trial)
+            except ValidationError as e:
+                here = [err for err in e.errors() if _loc_matches(err["loc"], path)]
+                for err in here[:1]:
+                    problems.append((where, f"{d.kind} value {value!r}: {err['msg'].removeprefix('Value error, ')}",
+                                     None, None))
+                if here:
+                    break
+    return problems
+
+
+def _loc_matches(loc: tuple[Any, ...], path: str) -> bool:
+    """The error is at `path`: its parts appear in order in the location, which pydantic
+    interleaves with union member tags (`train.deepspeed.function-after[..., ZeroSpec].stage`)."""
+    parts = iter(str(x) for x in loc)
+    return all(any(x == part for x in parts) for part in path.split("."))
