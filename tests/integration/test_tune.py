@@ -76,9 +76,16 @@ def test_asha_search_completes_and_stops_trials_early(search, s3_env):
 def test_every_trial_checkpoints_in_s3_and_the_best_is_exported(search, s3_env):
     _, run, _ = search
     rows = results(run)
-    for r in rows:  # checkpoint.every_n_steps is 4: a trial stopped at step 2 has none
+    for r in rows:
         done = checkpoint.complete_checkpoints(storage.join(run, "trials", r["trial"]))
-        assert [c.rsplit("/", 1)[1] for c in done] == ([f"step_{int(r['steps']):08d}"] if int(r["steps"]) >= 4 else [])
+        steps = [int(c.rsplit("_", 1)[1]) for c in done]
+        # every_n_steps 4, keep 1. ASHA's stop arrives asynchronously: a trial it stopped at its
+        # step-2 report may already have trained on to its step-4 checkpoint.
+        assert len(steps) <= 1 and all(s in (4, 8) for s in steps), (r, steps)
+        if int(r["steps"]) >= 4:
+            assert steps and steps[0] >= int(r["steps"]) - int(r["steps"]) % 4, (r, steps)
+        if r["status"] == "completed":
+            assert steps == [8]
     best = rows[0]
     assert storage.exists(storage.join(run, "trials", best["trial"], "model", "config.json"))
     assert storage.exists(storage.join(run, "adapter", "adapter_config.json"))  # the best trial's, copied
