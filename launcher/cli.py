@@ -44,7 +44,6 @@ def run(
     from launcher import preflight, submit
     from launcher.clusters import load_cluster
     from launcher.config import load_spec
-    from trainers.checkpoint import run_uri
 
     spec = load_spec(spec_file, overrides or [])
     definition = load_cluster(cluster)
@@ -97,7 +96,7 @@ def run(
             for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
                 logging.getLogger(name).setLevel(logging.WARNING)
         job_id = submit.submit(address, spec, run_id, local=not kube)
-    _say(f"submitted job {job_id}; run directory {run_uri(spec.checkpoint.storage, spec.name, run_id)}")
+    _say(f"submitted job {job_id}; run directory {_run_directory(spec, run_id)}")
     hints += [f"follow:  launch logs {job_id} -f --cluster {cluster}", f"cancel:  launch cancel {job_id} --cluster {cluster}"]
     if detach:
         for h in hints:
@@ -337,6 +336,23 @@ def _job_call(fn, job_id: str):
         if "does not exist" in str(e) or "not found" in str(e).lower():
             raise UsageError(f"no job {job_id} on this cluster", hint="`launch status` lists the jobs") from None
         raise
+
+
+
+def _run_directory(spec, run_id: str) -> str:
+    """Where the job writes: a search's unfinished run, which the job continues, when this
+    machine can see the storage; else this run id's new directory."""
+    from trainers import checkpoint
+    from trainers.storage import StorageError
+
+    if spec.tune is not None and spec.checkpoint.resume == "auto":
+        try:
+            unfinished = checkpoint.find_unfinished_search(spec.checkpoint.storage, spec.name)
+        except StorageError:
+            unfinished = None  # only the cluster can read it: the job says where it resumes
+        if unfinished:
+            return f"{unfinished} (continuing its unfinished search)"
+    return checkpoint.run_uri(spec.checkpoint.storage, spec.name, run_id)
 
 
 def _say(text: str) -> None:

@@ -82,11 +82,24 @@ _NOISE_FAMILIES: list[tuple[str, str]] = [
     # Ray Tune and Train around the trials of a search (trial events are ours: LLMLAUNCH_TRIAL lines).
     ("tune state", _ray_log("INFO", "tune", r"Wrote the latest version of all result files")),
     ("train pg cleanup", r"^Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group"),
+    ("tune banner", r"^[╭│├╰]|^View detailed results here: |^To visualize your results with TensorBoard, run: "),
+    ("tune restore", r"^Restored on \S+ from checkpoint: Checkpoint\("),
+    # PBT's own account of an exploit (ours is the trial line "exploited trial ...").
+    ("pbt", _ray_log("INFO", "pbt") + r"|^\[PopulationBasedTraining\] |^\S+ : \S+ --- \(.*\) --> \S+$"),
+    ("pbt actors", r"tune\.py:\d+: UserWarning: Consider boosting PBT performance by enabling `reuse_actors`"),
+    # Trials' drivers reserve half a CPU: Ray warns that many workers start on a small node.
+    ("worker startup", r"WARNING: \d+ PYTHON worker processes have been started on node: "),
     # Ray's log deduplication: a summary of a line it already printed once, and its notice.
     ("log dedup", r"\[repeated \d+x across cluster\]|Ray deduplicates logs by default|configure-logging\.html"
                   r"|^RAY_DEDUP_LOGS"),
 ]
 _NOISE = re.compile("|".join(f"(?:{regex})" for _, regex in _NOISE_FAMILIES))
+# Blocks of lines Ray prints (start, end), each from one source: held back, and dropped once
+# the end comes. A trial's process that Tune stops (ASHA, a PBT pause) dies of SIGTERM while
+# Python tidies up: "Exception ignored in: ..." and a traceback that ends "SystemExit: 1".
+_BLOCKS = [(re.compile(r"^Exception ignored in: <function WeakSet\.__init__\.<locals>\._remove"),
+            re.compile(r"^SystemExit: \d+$"))]
+_BLOCK_LINES = 40  # a block longer than this is not the one expected: shown as it is
 # A Python warning ("path.py:12: SomeWarning: text"): the line after it is its source line, indented.
 _WARNING = re.compile(r"\.py:\d+: \w*Warning: ")
 # Our own lines (trainers/entry.py, trainers/sft.py): shown without Ray's prefix, never hidden, never deduplicated.
@@ -107,6 +120,9 @@ def describe_trial(event: dict[str, Any]) -> str:
         return f"trial {trial} stopped early by the scheduler at step {event.get('step')}"
     if kind == "finished":
         return f"trial {trial} finished at step {event.get('step')}"
+    if kind == "exploited":
+        return (f"trial {trial} exploited trial {event.get('donor')}: goes on from its step {event.get('step')} with "
+                + "  ".join(f"{k}={_short(v)}" for k, v in (event.get("config") or {}).items()))
     if kind == "errored":
         return f"trial {trial} errored: {event.get('error', '')}"
     return f"trial {trial} {kind}"
@@ -141,6 +157,8 @@ class JobOutput:
         self.task = None
         self._shown: OrderedDict[tuple[str, str], tuple[str, str | None]] = OrderedDict()  # (actor, msg) -> pid, ip
         self._warned: object = _NONE  # the source whose last line was a hidden Python warning
+        self._hid: object = _NONE  # the source whose last line was hidden
+        self._held: dict[Any, tuple[re.Pattern, list[str]]] = {}  # source -> (end of its block, lines so far)
 
     def feed(self, text: str) -> None:
         self.buffer += text
@@ -152,6 +170,12 @@ class JobOutput:
         if self.buffer:
             self._line(self.buffer)
             self.buffer = ""
+        for _, lines in self._held.values():  # a block the log ended in: shown as it was
+            for line in lines:
+                shown = self._readable(line)
+                if shown is not None:
+                    self._print(shown)
+        self._held.clear()
         if self.progress is not None:
             self.progress.stop()
 
@@ -192,9 +216,33 @@ class JobOutput:
         if self.json_mode:
             print(json.dumps({"event": "log", "line": line}), flush=True)
             return
-        shown = self._readable(line) if self.hide_noise else line
-        if shown is not None:
-            self._print(shown)
+        for shown in (self._unblocked(line) if self.hide_noise else [line]):
+            shown = self._readable(shown) if self.hide_noise else shown
+            if shown is not None:
+                self._print(shown)
+
+    def _unblocked(self, line: str) -> list[str]:
+        """The lines to go on with: a block of Ray's (see _BLOCKS) is held back until it
+        ends, then dropped; one that does not end as expected is let through as it was."""
+        prefix = _PREFIX.match(line)
+        message = line[prefix.end():] if prefix else line
+        source = prefix.group("actor", "pid", "ip") if prefix else None
+        held = self._held.get(source)
+        if held is None:
+            for start, end in _BLOCKS:
+                if start.search(message):
+                    self._held[source] = (end, [line])
+                    return []
+            return [line]
+        end, lines = held
+        lines.append(line)
+        if end.search(message):
+            del self._held[source]
+            return []
+        if len(lines) > _BLOCK_LINES:
+            del self._held[source]
+            return lines
+        return []
 
     def _readable(self, line: str) -> str | None:
         """The line as a person reads it, or None where it is bookkeeping or another rank's copy."""
@@ -208,10 +256,12 @@ class JobOutput:
             return message
         if warned and message[:1].isspace():
             return None  # the source line of the warning just hidden
-        if _NOISE.search(message):
+        if _NOISE.search(message) or (not message.strip() and self._hid == source):
             if _WARNING.search(message):
                 self._warned = source
+            self._hid = source  # a blank line after it belongs to it
             return None
+        self._hid = _NONE
         if prefix and message.strip():
             key, origin = (prefix["actor"] or "", message), (prefix["pid"], prefix["ip"])
             if self._shown.get(key, origin) != origin:

@@ -24,6 +24,7 @@ from trainers import storage
 
 MANIFEST = "manifest.json"
 RESULT = "result.json"  # written at the end of a finished run
+TUNE_DIR = "tune"  # a search's Tune state, in its run directory
 
 
 def step_dir_name(step: int) -> str:
@@ -84,6 +85,17 @@ def find_resume(storage_uri: str, name: str) -> str | None:
     if best is None or storage.exists(storage.join(best[2], RESULT)):
         return None
     return best[1]
+
+
+def find_unfinished_search(storage_uri: str, name: str) -> str | None:
+    """The run directory of this name's newest search that has Tune state and no result:
+    running the same command again resumes it (`checkpoint.resume: auto`)."""
+    root = storage.join(storage_uri, name)
+    for run_id in reversed(storage.list_dir(root)):
+        run = storage.join(root, run_id)
+        if storage.exists(storage.join(run, TUNE_DIR)) and not storage.exists(storage.join(run, RESULT)):
+            return run
+    return None
 
 
 # ---------------------------------------------------------------- saving (workers)

@@ -77,3 +77,23 @@ def spec_schedule(optimizer, *, spec: AnyRun, total_steps: int):
         num_warmup_steps=int(t.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+
+
+def apply_spec_hyperparameters(engine, spec: AnyRun) -> None:
+    """After a restore: the spec's learning rate, weight decay and betas win over those the
+    checkpoint's optimizer and schedule state carried. Loading a checkpoint puts back the
+    old param groups and the schedule's base rates, so a trial that population-based
+    training moved to a new learning rate would otherwise go on at the donor's."""
+    t = spec.train
+    optimizer, scheduler = engine.optimizer, engine.lr_scheduler
+    for group in optimizer.param_groups:
+        group["weight_decay"] = t.weight_decay
+        if "betas" in group:
+            group["betas"] = tuple(t.betas)
+    lambdas = getattr(scheduler, "lr_lambdas", None)  # the spec's schedule (a LambdaLR)
+    if lambdas is not None:
+        scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, lambdas):
+            group["initial_lr"] = t.lr
+            group["lr"] = t.lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

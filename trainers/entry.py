@@ -44,9 +44,8 @@ def run_job() -> int:
     check_data(spec)
     run = checkpoint.run_uri(spec.checkpoint.storage, spec.name, run_id)
     if spec.tune is not None and spec.checkpoint.resume == "auto":
-        from trainers import tune
-
-        run = tune.find_unfinished_search(spec) or run  # the same command continues the search
+        # The same command continues the search (the launcher said so if it could see the storage).
+        run = checkpoint.find_unfinished_search(spec.checkpoint.storage, spec.name) or run
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
     print(f"run {spec.name}/{run_id} -> {run}", flush=True)
     storage.write_text(storage.join(run, "spec.yaml"), yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
@@ -69,6 +68,8 @@ def run_job() -> int:
         from trainers import tune
 
         summary = tune.run_search(spec, run, prepared, per_epoch, total_steps)
+        if summary is None:
+            return 130  # interrupted (as by SIGINT): nothing marks the search finished
         summary.update(total_steps=total_steps, finished_at=time.time())
     else:
         result = fit(spec, run, prepared, per_epoch, total_steps, resume_from)

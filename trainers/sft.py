@@ -13,7 +13,7 @@ from typing import Any
 
 from trainers import checkpoint, data, models, secrets_env
 from trainers.ds_config import deepspeed_config, precision
-from trainers.engine import build_engine, init_distributed, quiet_workers
+from trainers.engine import apply_spec_hyperparameters, build_engine, init_distributed, quiet_workers
 from trainers.eval import evaluate
 from trainers.spec import parse_spec
 
@@ -45,7 +45,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = models.load_model(spec, model_dir, dtype, ds_config)
     engine = build_engine(model, spec, ds_config, total_steps)
     trainable, total = models.parameter_counts(engine.module)
-    state = checkpoint.restore(engine, config.get("resume_from"), lora) or checkpoint.TrainState(0, 0, 0, [])
+    state = checkpoint.restore(engine, config.get("resume_from"), lora)
+    if state is None:
+        state = checkpoint.TrainState(0, 0, 0, [])
+    else:
+        apply_spec_hyperparameters(engine, spec)  # a PBT trial goes on from its donor with its own values
     if rank == 0:
         print(f"model: {total:,} parameters, {trainable:,} trainable; ZeRO stage "
               f"{ds_config['zero_optimization']['stage']}; {dtype}; starting at step {state.step}/{total_steps}",

@@ -230,6 +230,16 @@ class _RunBase(Strict):
             raise ValueError("tune.scheduler asha compares trials at every evaluation: set train.eval_every")
         if t.scheduler.type == "asha" and not self.train.max_steps and not t.scheduler.max_t:
             raise ValueError("tune.scheduler asha needs train.max_steps (or scheduler.max_t): its rungs are steps")
+        if t.scheduler.type == "pbt":
+            every, interval = self.checkpoint.every_n_steps, t.scheduler.perturbation_interval
+            # A trial copies the newest checkpoint of another: one must exist at each
+            # perturbation, and every report PBT reads must carry the metric.
+            if not every or interval % every:
+                raise ValueError(f"tune.scheduler.perturbation_interval ({interval}) must be a multiple of "
+                                 f"checkpoint.every_n_steps ({every}): an exploit copies the newest checkpoint")
+            if t.metric.startswith("eval_") and (not self.train.eval_every or every % self.train.eval_every):
+                raise ValueError(f"tune.scheduler pbt compares trials at every report: checkpoint.every_n_steps "
+                                 f"({every}) must be a multiple of train.eval_every ({self.train.eval_every})")
         return self
 
     @model_validator(mode="after")

@@ -25,11 +25,14 @@ import yaml
 from trainers import checkpoint, data, storage
 from trainers.spec import AnyRun, parse_spec
 from trainers.tune_spec import Distribution, set_path
+from trainers.user_errors import JobUserError
 
-TUNE_DIR = "tune"
+TUNE_DIR = checkpoint.TUNE_DIR
 TRIALS_DIR = "trials"
 TRIAL_MARKER = "LLMLAUNCH_TRIAL "  # one JSON line per trial event, for the launcher
-DRIVER_CPUS = 1  # what each trial's driver (the function that calls fit()) reserves
+# What each trial's driver reserves: the function that calls fit() and passes its reports on
+# waits on its run; Tune's default of a whole CPU would leave a CPU idle per trial.
+DRIVER_CPUS = 0.5
 
 
 def ray_distribution(d: Distribution):
@@ -57,6 +60,12 @@ def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> AnyRun:
         raise ValueError(f"sampled values {values} make an invalid spec: {problems}") from None
 
 
+def population(spec: AnyRun) -> int:
+    """Trials of the search: num_samples times every grid."""
+    grid = math.prod(len(d.args) for d in spec.tune.search_space.values() if d.kind == "grid")
+    return spec.tune.num_samples * grid
+
+
 def capacity_concurrency(spec: AnyRun, resources: dict[str, float]) -> int:
     """Trials the cluster holds at once: each needs its workers plus its driver's CPU.
     More would wait for placement groups that never come (Ray Train retries forever)."""
@@ -80,7 +89,7 @@ def _sampled(trial, paths) -> dict[str, Any]:
 def _callback(spec: AnyRun, total_steps: int):
     from ray.tune import Callback
 
-    metric, paths = spec.tune.metric, list(spec.tune.search_space)
+    metric, paths = spec.tune.metric, spec.tune.paths()
 
     class TrialEvents(Callback):
         """One line per trial event: started, reported, stopped early, finished, errored."""
@@ -108,35 +117,43 @@ def _callback(spec: AnyRun, total_steps: int):
     return TrialEvents()
 
 
-def run_search(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_steps: int) -> dict[str, Any]:
-    """Run the search; returns the summary written to `<run>/result.json`."""
+def run_search(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int,
+               total_steps: int) -> dict[str, Any] | None:
+    """Run the search; returns the summary written to `<run>/result.json`, or None when it
+    was interrupted (it is continued by running it again)."""
     import ray
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from trainers import entry
 
     t = spec.tune
     base = spec.model_dump(mode="json")
     fs, tune_path = storage.filesystem(run)
+    paths = t.paths()
 
     def trial(config: dict[str, Any]) -> None:
         trial_id = tune.get_context().get_trial_id()
-        values = {p: config[p] for p in t.search_space}
+        values = {p: config[p] for p in paths}
         one = trial_spec(base, values)
         trial_run = storage.join(run, TRIALS_DIR, trial_id)
-        done = checkpoint.complete_checkpoints(trial_run)
-        entry.fit(one, trial_run, prepared, per_epoch, total_steps, done[-1] if done else None,
-                  trial=trial_id, callbacks=[TuneReportCallback()])
+        start, donor = start_point(trial_run, tune.get_checkpoint())
+        if donor is not None:
+            record_exploit(trial_run, trial_id, donor, start, values)
+        _run_trial(one, trial_run, prepared, per_epoch, total_steps, start, trial_id)
 
     concurrency = capacity_concurrency(spec, ray.cluster_resources())
     if t.max_concurrent_trials:
         concurrency = min(concurrency, t.max_concurrent_trials)
+    if t.scheduler.type == "pbt" and population(spec) > concurrency:
+        # Tune counts a paused trial as running: a population larger than what runs at once
+        # never has its later members started while the first ones wait to be compared.
+        raise JobUserError(f"tune: population-based training runs its {population(spec)} trials at once, and "
+                           f"{concurrency} fit (each: {spec.resources.workers} worker(s) + the trial's driver)",
+                           hint="lower tune.num_samples (or the grid), or use a larger cluster")
     print(f"search: {t.num_samples} sample(s) of {len(t.search_space)} value(s), {concurrency} trial(s) at once, "
           f"scheduler {t.scheduler.type}, search {t.search}; trials in {storage.join(run, TRIALS_DIR)}", flush=True)
     seed = t.seed if t.seed is not None else spec.train.seed
     tune_config = tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                                  max_concurrent_trials=concurrency, scheduler=_scheduler(spec, total_steps),
+                                  # Random and grid search bound themselves (_search_alg).
+                                  max_concurrent_trials=concurrency if t.search == "optuna" else None, scheduler=_scheduler(spec, total_steps, seed),
                                   search_alg=_search_alg(spec, seed, concurrency), time_budget_s=t.time_budget_s)
     trainable = tune.with_resources(trial, {"CPU": DRIVER_CPUS})
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=tune_path, storage_filesystem=fs, verbose=0,
@@ -150,20 +167,179 @@ def run_search(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, 
     else:
         tuner = tune.Tuner(trainable, param_space=_param_space(spec), tune_config=tune_config, run_config=run_config)
     results = tuner.fit()
+    ended = results.num_terminated + results.num_errors
+    if ended < len(results):
+        # Tune ends its run gracefully on a stop signal (`launch cancel`, Ctrl-C in the job)
+        # and returns; the search is not over: no summary, no result.json.
+        print(f"search: interrupted with {ended} of {len(results)} trial(s) ended; its state is in {experiment}: "
+              "the same command continues it", flush=True)
+        return None
     return summarize(spec, run, results, total_steps)
 
 
+# ---------------------------------------------------------------- one trial
+
+POINTER = "pointer.json"  # what a trial's Tune checkpoint holds: where its Train checkpoint is
+EXPLOITS = "exploits.jsonl"  # a trial's PBT exploits, one JSON line each
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def _run_trial(spec: AnyRun, trial_run: str, prepared: data.Prepared, per_epoch: int, total_steps: int,
+               start: str | None, trial_id: str) -> None:
+    """The trial's run through `entry.fit`, with every report of its rank 0 passed on to Tune,
+    and a Tune checkpoint beside each: a pointer to the run's newest Train checkpoint.
+
+    Tune's own `TuneReportCallback` passes metrics only, so PBT never finds a checkpoint to
+    copy and a restored search cannot tell a trial where to go on from. Here the run reports
+    to a queue from its controller, and this function (the trial) reports to Tune."""
+    import threading
+
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from trainers import entry
+
+    # Our manifests decide what a run resumes from; Ray Train's snapshot of an earlier run in
+    # this directory would hand its own choice to the workers (or fail on checkpoints our
+    # retention deleted).
+    storage.delete(storage.join(trial_run, "checkpoints", SNAPSHOT))
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            entry.fit(spec, trial_run, prepared, per_epoch, total_steps, start, trial=trial_id,
+                      callbacks=[_forwarder(reports)])
+        except BaseException as e:  # raised again in the trial, where Tune sees it
+            outcome["error"] = e
+
+    runner = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
+    runner.start()
+    newest, last_step = start, 0
+    while True:
+        try:
+            metrics = reports.get(timeout=1.0)
+        except Empty:
+            if runner.is_alive() or not reports.empty():
+                continue
+            break
+        if metrics.pop("_checkpoint", False):
+            # Rank 0 writes the manifest after the report: Tune (PBT, a pause) may act on
+            # this report at once, so it hears of the checkpoint only once it is complete.
+            reported = storage.join(trial_run, "checkpoints", checkpoint.step_dir_name(metrics["step"]))
+            newest = _await_complete(reported) or newest
+        tune.report(metrics, checkpoint=_pointer(newest, metrics["step"]) if newest else None)
+        last_step = metrics["step"]
+    runner.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    if last_step < total_steps:  # restarted at its last step (after a pause): nothing was reported
+        tune.report({"step": total_steps, "trial_id": trial_id},
+                    checkpoint=_pointer(newest, total_steps) if newest else None)
+
+
+def _forwarder(queue):
+    """A Ray Train callback (it runs in the run's controller) that puts rank 0's metrics of
+    every report on `queue`, marking those that came with a checkpoint."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ForwardReports(UserCallback):
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.queue.put({**metrics[0], "_checkpoint": checkpoint is not None})
+
+    return ForwardReports(queue)
+
+
+def _pointer(train_checkpoint: str, step: int):
+    import tempfile
+
+    from ray import tune
+
+    local = tempfile.mkdtemp(prefix="tune-pointer-")
+    with open(os.path.join(local, POINTER), "w") as f:
+        json.dump({"checkpoint": train_checkpoint, "reported_at_step": step}, f)
+    return tune.Checkpoint.from_directory(local)
+
+
+def start_point(trial_run: str, tune_checkpoint) -> tuple[str | None, str | None]:
+    """(the Train checkpoint this trial starts from, the donor trial's run when PBT made it
+    copy another trial). A checkpoint of its own: the newest complete one (a restored
+    search); of another trial: the one Tune handed over, or that trial's newest complete one
+    if retention has since replaced it."""
+    pointer = None
+    if tune_checkpoint is not None:
+        with tune_checkpoint.as_directory() as local:
+            with open(os.path.join(local, POINTER)) as f:
+                pointer = json.load(f)["checkpoint"]
+    own_dir = storage.join(trial_run, "checkpoints")
+    if pointer is None or pointer.startswith(own_dir + "/"):
+        own = checkpoint.complete_checkpoints(trial_run)
+        return (own[-1] if own else None), None
+    donor_run = pointer.rsplit("/checkpoints/", 1)[0]
+    found = pointer if checkpoint.is_complete(pointer) else (checkpoint.complete_checkpoints(donor_run) or [None])[-1]
+    if found is None:
+        raise RuntimeError(f"population-based training: trial {os.path.basename(donor_run)} has no complete "
+                           f"checkpoint to copy ({pointer} is gone)")
+    storage.delete(own_dir)  # this trial's own line of checkpoints ends here
+    return found, donor_run
+
+
+def _await_complete(ckpt: str, timeout_s: float = 120.0) -> str | None:
+    """`ckpt` once its manifest is written; None if it is gone or never completes."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if checkpoint.is_complete(ckpt):
+            return ckpt
+        if not storage.exists(ckpt):
+            return None
+        time.sleep(1.0)
+    return None
+
+
+def record_exploit(trial_run: str, trial_id: str, donor_run: str, ckpt: str, values: dict[str, Any]) -> None:
+    """An exploit, for the user (a trial event line) and for the results (exploits.jsonl)."""
+    step = int(ckpt.rstrip("/").rsplit("_", 1)[1])
+    entry = {"event": "exploited", "trial": trial_id, "donor": os.path.basename(donor_run), "step": step,
+             "config": values}
+    print(TRIAL_MARKER + json.dumps(entry, default=str), flush=True)
+    uri = storage.join(trial_run, EXPLOITS)
+    storage.write_text(uri, (storage.read_text(uri) or "") + json.dumps(entry, default=str) + "\n")
+
+
+def exploits(trial_run: str) -> list[dict[str, Any]]:
+    text = storage.read_text(storage.join(trial_run, EXPLOITS)) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def _param_space(spec: AnyRun) -> dict[str, Any]:
-    return {path: ray_distribution(d) for path, d in spec.tune.search_space.items()}
+    # A mutated path outside the search space starts from a sample of its mutation.
+    space = {**spec.tune.mutations(), **spec.tune.search_space}
+    return {path: ray_distribution(d) for path, d in space.items()}
 
 
-def _scheduler(spec: AnyRun, total_steps: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(spec: AnyRun, total_steps: int, seed: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     s = spec.tune.scheduler
     if s.type == "asha":
         return ASHAScheduler(time_attr="step", max_t=s.max_t or total_steps, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)
+    if s.type == "pbt":
+        import random
+
+        random.seed(seed)  # PBT draws its donors and mutations from `random`
+        # A choice is moved one place left or right; a range is multiplied by 0.8 or 1.2.
+        mutations = {p: (list(d.args) if d.kind == "choice" else ray_distribution(d))
+                     for p, d in spec.tune.mutations().items()}
+        return PopulationBasedTraining(time_attr="step", perturbation_interval=s.perturbation_interval,
+                                       hyperparam_mutations=mutations, quantile_fraction=s.quantile_fraction,
+                                       resample_probability=s.resample_probability, synch=s.synch,
+                                       log_config=False)
     return FIFOScheduler()
 
 
@@ -183,14 +359,17 @@ def _search_alg(spec: AnyRun, seed: int, concurrency: int):
 
 def summarize(spec: AnyRun, run: str, results, total_steps: int) -> dict[str, Any]:
     t = spec.tune
-    paths = list(t.search_space)
+    paths = t.paths()
     better = min if t.mode == "min" else max
     rows = []
     for r in results:
         history = _history(r, t.metric)
         values = [v for _, v in history]
+        trial_id = _trial_id(r)
         rows.append({
-            "trial": _trial_id(r),
+            "trial": trial_id,
+            "exploits": "; ".join(f"step {e['step']} from {e['donor']}"
+                                  for e in exploits(storage.join(run, TRIALS_DIR, trial_id))),
             **{p: r.config.get(p) for p in paths},
             "steps": (r.metrics or {}).get("step", 0),
             f"best_{t.metric}": better(values) if values else None,
@@ -250,7 +429,7 @@ def _history(result, metric: str) -> list[tuple[int, float]]:
 
 def _csv(rows, paths, metric) -> str:
     out = io.StringIO()
-    fields = ["rank", "trial", *paths, "steps", f"best_{metric}", f"last_{metric}", "status"]
+    fields = ["rank", "trial", *paths, "steps", f"best_{metric}", f"last_{metric}", "status", "exploits"]
     writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for i, row in enumerate(rows, 1):
@@ -259,9 +438,10 @@ def _csv(rows, paths, metric) -> str:
 
 
 def _table(rows, paths, metric) -> str:
-    head = ["#", "trial", *paths, "steps", f"best {metric}", "status"]
-    body = [[str(i), r["trial"], *(_fmt(r[p]) for p in paths), str(r["steps"]),
-             _fmt(r[f"best_{metric}"]), r["status"]] for i, r in enumerate(rows, 1)]
+    exploited = any(r["exploits"] for r in rows)
+    head = ["#", "trial", *paths, "steps", f"best {metric}", "status", *(["exploits"] if exploited else [])]
+    body = [[str(i), r["trial"], *(_fmt(r[p]) for p in paths), str(r["steps"]), _fmt(r[f"best_{metric}"]),
+             r["status"], *([r["exploits"] or "-"] if exploited else [])] for i, r in enumerate(rows, 1)]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
     return "search results:\n" + "\n".join(lines)
@@ -303,15 +483,3 @@ def _copy_tree(src: str, dst: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         storage.download_dir(src, tmp)
         storage.upload_dir(tmp, dst)
-
-
-def find_unfinished_search(spec: AnyRun) -> str | None:
-    """The run directory of this name's newest search that has Tune state and no result:
-    running the same command again resumes it (`checkpoint.resume: auto`)."""
-    root = storage.join(spec.checkpoint.storage, spec.name)
-    for run_id in reversed(storage.list_dir(root)):
-        run = storage.join(root, run_id)
-        if storage.exists(storage.join(run, TUNE_DIR)) and not storage.exists(storage.join(run, checkpoint.RESULT)):
-            return run
-    return None
-

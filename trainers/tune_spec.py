@@ -88,7 +88,29 @@ class FifoSpec(_Strict):
     type: Literal["fifo"]
 
 
-SchedulerSpec = Union[AshaSpec, FifoSpec]
+class PbtSpec(_Strict):
+    """Population-based training: every `perturbation_interval` steps, a trial in the bottom
+    `quantile_fraction` copies the newest checkpoint of one in the top and goes on from it
+    with its values mutated (multiplied by 0.8 or 1.2, a choice moved one place, or
+    resampled). A mutation cannot change the model's shape: search `model.*` with ASHA."""
+
+    type: Literal["pbt"]
+    perturbation_interval: int = Field(gt=0)
+    """Steps between exploits; a multiple of `checkpoint.every_n_steps` (a trial is copied
+    from its newest checkpoint)."""
+    mutations: dict[str, Distribution] | None = None
+    """Paths mutated at each exploit and the distributions they are resampled from
+    (default: every path of `search_space` that is not a `model.*` path)."""
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    """The fraction of trials that copy (bottom) and are copied (top)."""
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    """The chance a mutated value is resampled from its distribution instead of perturbed."""
+    synch: bool = False
+    """Ray's synchronous PBT: every trial waits at each perturbation and all are compared
+    together (each trial restarts there; exploits do not depend on which reports first)."""
+
+
+SchedulerSpec = Union[AshaSpec, FifoSpec, PbtSpec]
 
 
 class TuneSpec(_Strict):
@@ -107,7 +129,8 @@ class TuneSpec(_Strict):
     """Trials at once. Default: as many as the cluster holds (each trial: its workers plus
     one CPU for its driver); never more."""
     scheduler: SchedulerSpec = Field(FifoSpec(type="fifo"), discriminator="type")
-    """`{type: fifo}` or `{type: asha, grace_period, reduction_factor, max_t}`."""
+    """`{type: fifo}`, `{type: asha, grace_period, reduction_factor, max_t}` or
+    `{type: pbt, perturbation_interval, mutations, quantile_fraction, resample_probability}`."""
     search: Literal["random", "grid", "optuna"] = "random"
     """How values are chosen: `random` (and every `grid` value), or Optuna's TPE."""
     time_budget_s: float | None = Field(None, gt=0)
@@ -123,7 +146,31 @@ class TuneSpec(_Strict):
         if self.search == "grid" and len(grids) != len(self.search_space):
             others = [p for p, d in self.search_space.items() if d.kind != "grid"]
             raise ValueError(f"search: grid needs grid values everywhere; {', '.join(others)} are not")
+        if isinstance(self.scheduler, PbtSpec):
+            mutated = self.mutations()
+            if not mutated:
+                raise ValueError("scheduler pbt: nothing to mutate; give scheduler.mutations (e.g. train.lr)")
+            grids = [p for p, d in mutated.items() if d.kind == "grid"]
+            shaped = [p for p in mutated if p.startswith("model.")]
+            if grids:
+                raise ValueError(f"scheduler pbt: a mutation cannot be a grid ({', '.join(grids)}); use choice")
+            if shaped:
+                raise ValueError(f"scheduler pbt: {', '.join(shaped)} cannot change in the middle of a run "
+                                 "(the donor's checkpoint has the old shape); search them with asha or fifo")
         return self
+
+    def paths(self) -> list[str]:
+        """Every path a trial's values set: the search space's, then mutated ones."""
+        return list(dict.fromkeys([*self.search_space, *self.mutations()]))
+
+    def mutations(self) -> dict[str, Distribution]:
+        """What PBT mutates: its own `mutations`, or the search space less `model.*` paths."""
+        s = self.scheduler
+        if not isinstance(s, PbtSpec):
+            return {}
+        if s.mutations is not None:
+            return dict(s.mutations)
+        return {p: d for p, d in self.search_space.items() if not p.startswith("model.")}
 
 
 # ---------------------------------------------------------------- paths against the schema
@@ -176,11 +223,14 @@ def search_space_problems(spec_data: dict[str, Any], run_model: type[BaseModel])
     field, and every candidate value the field itself refuses."""
     tune = spec_data.get("tune") or {}
     problems = []
-    for path, dist in (tune.get("search_space") or {}).items():
-        where = f"tune.search_space.{path}"
+    scheduler = tune.get("scheduler") if isinstance(tune.get("scheduler"), dict) else {}
+    spaces = [("tune.search_space", tune.get("search_space") or {}),
+              ("tune.scheduler.mutations", scheduler.get("mutations") or {})]
+    for where_space, path, dist in [(w, p, d) for w, space in spaces for p, d in space.items()]:
+        where = f"{where_space}.{path}"
         found = path_problem(run_model, path)
         if found:
-            problems.append((where, found[0], None, f"tune.search_space.{found[1]}" if found[1] else None))
+            problems.append((where, found[0], None, f"{where_space}.{found[1]}" if found[1] else None))
             continue
         d = Distribution.model_validate(dist) if not isinstance(dist, Distribution) else dist
         for value in d.candidates():

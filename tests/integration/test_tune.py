@@ -107,3 +107,93 @@ def test_best_yaml_is_a_plain_spec_with_the_best_values(search, s3_env, launch, 
     path.write_text(text)
     proc = launch("validate", str(path))
     assert proc.returncode == 0, output(proc)
+
+
+TUNE_PBT = "configs/examples/tune_pbt.yaml"
+
+
+def test_pbt_exploit_goes_on_from_the_donor_checkpoint_with_the_mutated_value(launch, s3_env):
+    """configs/examples/tune_pbt.yaml: 2 trials (lr 1e-2 and 1e-5), synchronous PBT at step 4.
+    The 1e-5 trial is far behind there; it must copy the other's step-4 checkpoint, go on
+    from step 4 with the donor's lr times 0.8 or 1.2, and learn from there."""
+    import re
+
+    proc = launch(TUNE_PBT, f"checkpoint.storage={s3_env}", timeout=900)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    run = run_dir(proc)
+    rows = {r["trial"]: r for r in results(run)}
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows.values()), rows
+    exploited = [t for t, r in rows.items() if r["exploits"]]
+    assert len(exploited) == 1, rows
+    trial = exploited[0]
+    [event] = [json.loads(line) for line in
+               storage.read_text(storage.join(run, "trials", trial, "exploits.jsonl")).splitlines()]
+    donor = event["donor"]
+    assert donor != trial and event["step"] == 4
+    donor_lr = float(rows[donor]["train.lr"])
+    assert donor_lr == pytest.approx(1e-2)  # the better trial is the one copied
+    new_lr = event["config"]["train.lr"]
+    assert new_lr in (pytest.approx(donor_lr * 0.8), pytest.approx(donor_lr * 1.2))
+    assert float(rows[trial]["train.lr"]) == pytest.approx(new_lr)
+    assert rows[trial]["exploits"] == f"step 4 from {donor}"
+
+    # The trial's history: the donor's steps 1-4 (restored with its checkpoint), then its own
+    # steps 5-6 at the mutated learning rate (the optimizer's restored lr does not win).
+    mine, theirs = (_train_rows(storage.join(run, "trials", t)) for t in (trial, donor))
+    assert [m["step"] for m in mine] == list(range(1, 7))
+    assert [m["loss"] for m in mine[:4]] == [m["loss"] for m in theirs[:4]]
+    assert all(m["lr"] == pytest.approx(new_lr) for m in mine[4:])
+    # Its own evaluation at step 4, before the exploit, against its first after it.
+    text = output(proc)
+    before = float(re.search(rf"trial {trial} step 4: eval_loss ([\d.]+)", text).group(1))
+    after = float(re.search(rf"trial {trial} step 6: eval_loss ([\d.]+)", text).group(1))
+    assert after < before - 0.2, (before, after)  # lr 1e-5 alone moves it by about 1e-3
+    assert f"trial {trial} exploited trial {donor}: goes on from its step 4 with train.lr=" in text
+    assert "Traceback" not in text and "Exception ignored" not in text and "[PopulationBasedTraining]" not in text
+
+
+def _train_rows(trial_run: str) -> list[dict]:
+    rows = [json.loads(line) for line in storage.read_text(storage.join(trial_run, "metrics.jsonl")).splitlines()]
+    return [m for m in rows if "loss" in m]
+
+
+def test_a_cancelled_optuna_search_resumes_with_the_same_command(launch, s3_env):
+    """Optuna (TPE) chooses, ASHA stops; the search is cancelled once its first trial has
+    finished, and the same command finishes it: the first trial is not run again, the
+    trial count is what the spec asks for, every value lies within its bounds."""
+    import re
+    import time
+
+    from tests.integration.test_training import _wait_terminal
+
+    args = [TUNE_LORA, f"checkpoint.storage={s3_env}", "name=tune-resume", "tune.search=optuna",
+            "tune.num_samples=4", "train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep=1"]
+    first = launch(*args, "--detach")
+    assert first.returncode == 0, output(first)
+    job = re.search(r"submitted job (\S+);", output(first)).group(1)
+    run = run_dir(first)
+    deadline = time.monotonic() + 400
+    while not [t for t in storage.list_dir(storage.join(run, "trials"))
+               if storage.exists(storage.join(run, "trials", t, "model", "config.json"))]:
+        assert time.monotonic() < deadline, "no trial finished within 400 s"
+        time.sleep(1)
+    assert launch("cancel", job).returncode == 0
+    _wait_terminal(launch, job)
+    finished = [t for t in storage.list_dir(storage.join(run, "trials"))
+                if storage.exists(storage.join(run, "trials", t, "model", "config.json"))]
+    assert not storage.exists(storage.join(run, "result.json"))
+
+    second = launch(*args, timeout=900)  # the same command again
+    text = output(second)
+    assert second.returncode == 0, text[-5000:]
+    assert f"run directory {run} (continuing its unfinished search)" in text
+    assert "search: resuming from" in text
+    for t in finished:
+        assert f"trial {t} started" not in text  # finished trials are not run again
+    rows = results(run)
+    assert len(rows) == 4, rows
+    assert {r["trial"] for r in rows} >= set(finished)
+    lrs = [float(r["train.lr"]) for r in rows]
+    assert all(1e-3 <= lr <= 3e-2 for lr in lrs) and len(set(lrs)) == 4
+    assert all(int(r["model.peft.r"]) in (4, 8, 16) for r in rows)
+    assert sum(r["status"] == "completed" for r in rows) >= 1

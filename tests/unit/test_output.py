@@ -383,3 +383,62 @@ def test_a_user_error_is_an_event_in_json_mode(capsys):
     out.feed(f'{ERROR}{{"message": "bad", "hint": null}}\n')
     out.close()
     assert json.loads(capsys.readouterr().out) == {"event": "error", "message": "bad", "hint": None}
+
+
+# Lines of a PBT search (copied from `launch logs --verbose` of configs/examples/tune_pbt.yaml).
+PBT_NOISE = [
+    "2026-12-01 23:51:33,117 INFO pbt.py:907 -- ",
+    "",
+    "[PopulationBasedTraining] [Exploit] Cloning trial 07a71_00000 (score = -5.902313) into trial 07a71_00001 "
+    "(score = -6.280249)",
+    "",
+    "2026-12-01 23:51:33,117 INFO pbt.py:934 -- ",
+    "",
+    "[PopulationBasedTraining] [Explore] Perturbed the hyperparameter config of trial07a71_00001:",
+    "train.lr : 0.01 --- (* 1.2) --> 0.012",
+    "",
+    "(trial pid=20832) Restored on 127.0.0.1 from checkpoint: Checkpoint(filesystem=local, path=/tmp/r/tune/"
+    "trial_07a71_00000_0/checkpoint_000001)",
+    "(raylet) WARNING: 8 PYTHON worker processes have been started on node: 826fe9bd with address: 127.0.0.1, "
+    "which is 4x the maximum expected startup concurrency (2).",
+    "╭──────────────────────────────────────────────────────────╮",
+    "│ Configuration for experiment     tune                    │",
+    "╰──────────────────────────────────────────────────────────╯",
+    "View detailed results here: /tmp/r/tune",
+    "To visualize your results with TensorBoard, run: `tensorboard --logdir /tmp/x/driver_artifacts`",
+    "/work/main/.venv/lib/python3.11/site-packages/ray/tune/tune.py:735: UserWarning: Consider boosting PBT "
+    "performance by enabling `reuse_actors` as well as implementing `reset_config` for Trainable.",
+    "  warnings.warn(",
+]
+STOPPED_TRIAL = [
+    "(trial pid=17923) Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7fc2e5b0e700>",
+    "(trial pid=17923) Traceback (most recent call last):",
+    '(trial pid=17923)   File "/root/.pyenv/versions/3.11.7/lib/python3.11/_weakrefset.py", line 39, in _remove',
+    "(trial pid=17923)     def _remove(item, selfref=ref(self)):",
+    "(trial pid=17923) ",
+    '(trial pid=17923)   File "/work/main/.venv/lib/python3.11/site-packages/ray/_private/worker.py", line 1063, '
+    "in sigterm_handler",
+    "(trial pid=17923)     raise_sys_exit_with_custom_error_message(",
+    "(trial pid=17923) SystemExit: 1",
+]
+
+
+def test_a_searchs_bookkeeping_is_hidden_and_our_trial_lines_stay():
+    from launcher.output import TRIAL_MARKER
+
+    exploit = {"event": "exploited", "trial": "07a71_00001", "donor": "07a71_00000", "step": 4,
+               "config": {"train.lr": 0.012}}
+    text = "\n".join([*PBT_NOISE, TRIAL_MARKER + json.dumps(exploit), *STOPPED_TRIAL, "after"]) + "\n"
+    assert plain(text) == ["trial 07a71_00001 exploited trial 07a71_00000: goes on from its step 4 with "
+                           "train.lr=0.012", "after"]
+    assert len(plain(text, verbose=True)) == len(PBT_NOISE) + len(STOPPED_TRIAL) + 2
+
+
+def test_a_held_block_that_does_not_end_as_expected_is_shown_whole():
+    other = [*STOPPED_TRIAL[:3], "(trial pid=17923) RuntimeError: something else entirely"]
+    assert plain("\n".join(other) + "\n") == [ours(x) for x in other]  # the log ended inside the block
+    long = [STOPPED_TRIAL[0], *[f"(trial pid=17923) line {i}" for i in range(60)]]
+    assert plain("\n".join(long) + "\n") == [ours(x) for x in long]
+    # another source's lines are not held back meanwhile
+    mixed = [STOPPED_TRIAL[0], "(RayTrainWorker pid=5) loading", *STOPPED_TRIAL[1:]]
+    assert plain("\n".join(mixed) + "\n") == [ours(mixed[1])]

@@ -100,8 +100,8 @@ def test_a_sampled_combination_the_spec_refuses_fails_that_trial_with_the_messag
 def test_concurrency_counts_each_trials_driver_cpu():
     from launcher.config import load_spec
 
-    spec = load_spec(TUNE_LORA)  # 1 worker x 1 CPU, + 1 CPU for the trial's driver
+    spec = load_spec(TUNE_LORA)  # 1 worker x 1 CPU, + half a CPU for the trial's driver
     assert capacity_concurrency(spec, {"CPU": 2}) == 1
-    assert capacity_concurrency(spec, {"CPU": 9}) == 4
+    assert capacity_concurrency(spec, {"CPU": 9}) == 6
     spec.resources.gpus_per_worker = 1
     assert capacity_concurrency(spec, {"CPU": 64, "GPU": 3}) == 3
