@@ -29,6 +29,8 @@ from collections import OrderedDict
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from trainers import user_errors
@@ -97,13 +99,21 @@ _NOISE = re.compile("|".join(f"(?:{regex})" for _, regex in _NOISE_FAMILIES))
 # Blocks of lines Ray prints (start, end), each from one source: held back, and dropped once
 # the end comes. A trial's process that Tune stops (ASHA, a PBT pause) dies of SIGTERM while
 # Python tidies up: "Exception ignored in: ..." and a traceback that ends "SystemExit: 1".
+# The trial's Ray Train controller then reports its workers' deaths ("[FailurePolicy] RAISE"
+# and the WorkerGroupError, or a failed backend shutdown), each ending in the line that says
+# their owner died.
+_OWNER_DIED = re.compile(r"^The actor is dead because its owner has died\.")
 _BLOCKS = [(re.compile(r"^Exception ignored in: <function WeakSet\.__init__\.<locals>\._remove"),
-            re.compile(r"^SystemExit: \d+$"))]
-_BLOCK_LINES = 40  # a block longer than this is not the one expected: shown as it is
+            re.compile(r"^SystemExit: \d+$")),
+           (re.compile(r"^\[FailurePolicy\] RAISE$"), _OWNER_DIED),
+           (re.compile(r"^ray\.train\.WorkerGroupError: Training failed due to worker errors:$"), _OWNER_DIED),
+           (re.compile(r"^Graceful shutdown of backend failed\. This is expected if one of the workers has crashed\.$"),
+            _OWNER_DIED)]
+_BLOCK_LINES = 60  # a block longer than this is not the one expected: shown as it is
 # A Python warning ("path.py:12: SomeWarning: text"): the line after it is its source line, indented.
 _WARNING = re.compile(r"\.py:\d+: \w*Warning: ")
 # Our own lines (trainers/entry.py, trainers/sft.py): shown without Ray's prefix, never hidden, never deduplicated.
-_OURS = re.compile(r"^(?:run \S+ -> |data: .*packing efficiency|model: [\d,]+ parameters|checkpoint saved: step \d+$"
+_OURS = re.compile(r"^(?:run \S+ -> |data(?: \(.*?\))?: .*packing efficiency|model: [\d,]+ parameters|checkpoint saved: step \d+$"
                    r"|model exported to |done: model at |resuming from |error: )")
 _REMEMBER = 256  # messages remembered to tell one rank's line from the same line of another rank
 _NONE = object()  # no source: unprefixed lines have source None
@@ -154,6 +164,8 @@ class JobOutput:
         self.events: list[dict[str, Any]] = []
         self.error: dict[str, Any] | None = None  # {"message", "hint"} of a user error the job reported
         self.progress: Progress | None = None
+        self.live: Live | None = None  # a search's table of trials, on a terminal
+        self.trials: dict[str, dict[str, Any]] = {}  # trial -> its row in that table
         self.task = None
         self._shown: OrderedDict[tuple[str, str], tuple[str, str | None]] = OrderedDict()  # (actor, msg) -> pid, ip
         self._warned: object = _NONE  # the source whose last line was a hidden Python warning
@@ -178,6 +190,8 @@ class JobOutput:
         self._held.clear()
         if self.progress is not None:
             self.progress.stop()
+        if self.live is not None:
+            self.live.stop()
 
     def _line(self, raw: str) -> None:
         line = _ANSI.sub("", raw).rstrip("\r")
@@ -202,6 +216,8 @@ class JobOutput:
                     print(json.dumps({"event": "trial", **event}, default=str), flush=True)
                 else:
                     self._print(describe_trial(event))
+                    if self.tty:
+                        self._table(event)
                 return
         if ERROR_MARKER in line:
             try:
@@ -275,6 +291,34 @@ class JobOutput:
     def _print(self, text: str) -> None:
         # While the bar is live, Rich prints above it.
         self.console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+    def _table(self, event: dict[str, Any]) -> None:
+        """The live table of a search's trials below the trial lines: values, step, latest
+        metric, state. Rich prints the lines above it while it is live."""
+        row = self.trials.setdefault(event["trial"], {"config": {}, "step": 0, "value": None, "state": ""})
+        kind = event.get("event")
+        if event.get("config"):
+            row["config"] = event["config"]
+        if event.get("step") is not None:
+            row["step"] = event["step"]
+        if isinstance(event.get("value"), float):
+            row["value"], row["metric"] = event["value"], event.get("metric", row.get("metric", "metric"))
+        row["state"] = {"started": "running", "result": "running", "stopped": "stopped early",
+                        "finished": "finished", "errored": "errored",
+                        "exploited": f"copied {event.get('donor')}"}.get(kind, kind or "")
+        paths = list(dict.fromkeys(p for r in self.trials.values() for p in r["config"]))
+        metric = next((r["metric"] for r in self.trials.values() if "metric" in r), "metric")
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ["trial", *paths, "step", metric, "state"]:
+            table.add_column(column, justify="right" if column in ("step", metric) else "left")
+        for trial, r in self.trials.items():
+            table.add_row(trial, *(_short(r["config"].get(p, "")) for p in paths), str(r["step"]),
+                          "-" if r["value"] is None else f"{r['value']:.4f}", r["state"])
+        if self.live is None:
+            self.live = Live(table, console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+        else:
+            self.live.update(table, refresh=True)
 
     def _progress(self, event: dict[str, Any]) -> None:
         if self.json_mode:

@@ -51,27 +51,15 @@ def run_job() -> int:
     storage.write_text(storage.join(run, "spec.yaml"), yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
     resume_from = pick_resume(spec) if spec.tune is None else None  # trials resume from their own
-    t0 = time.perf_counter()
-    prepared = prepare_data(spec)
-    print(f"data: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} eval; "
-          f"packing efficiency {prepared.packing_efficiency:.1%} (non-pad tokens), "
-          f"{prepared.loss_tokens:,} loss tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
-    per_epoch = data.steps_per_epoch(prepared.rows, spec.resources.workers,
-                                     spec.train.micro_batch_size, spec.grad_accum_steps)
-    if per_epoch == 0:
-        raise JobUserError(f"data.train: {prepared.rows} sequences are fewer than one optimizer step needs "
-                           f"({spec.train.micro_batch_size * spec.grad_accum_steps * spec.resources.workers})",
-                           hint="add data or lower train.global_batch_size / micro_batch_size")
-    total_steps = spec.train.max_steps or max(1, math.ceil(per_epoch * spec.train.epochs))
-
     if spec.tune is not None:
         from trainers import tune
 
-        summary = tune.run_search(spec, run, prepared, per_epoch, total_steps)
+        summary = tune.run_search(spec, run, prepare_run)
         if summary is None:
             return 130  # interrupted (as by SIGINT): nothing marks the search finished
-        summary.update(total_steps=total_steps, finished_at=time.time())
+        summary.update(finished_at=time.time())
     else:
+        prepared, per_epoch, total_steps = prepare_run(spec)
         result = fit(spec, run, prepared, per_epoch, total_steps, resume_from)
         summary = {"status": "completed", "run": run, "model": storage.join(run, "model"),
                    "total_steps": total_steps, "metrics": result.metrics, "finished_at": time.time()}
@@ -81,6 +69,24 @@ def run_job() -> int:
     if "model" in summary:
         print(f"done: model at {summary['model']}", flush=True)
     return 0
+
+
+def prepare_run(spec: AnyRun, label: str = "") -> tuple[data.Prepared, int, int]:
+    """The data tokenized and packed once with Ray Data, and what it makes of the steps:
+    (prepared, optimizer steps per epoch, total steps)."""
+    t0 = time.perf_counter()
+    prepared = prepare_data(spec)
+    print(f"data{label}: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} "
+          f"eval; packing efficiency {prepared.packing_efficiency:.1%} (non-pad tokens), "
+          f"{prepared.loss_tokens:,} loss tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+    per_epoch = data.steps_per_epoch(prepared.rows, spec.resources.workers,
+                                     spec.train.micro_batch_size, spec.grad_accum_steps)
+    if per_epoch == 0:
+        raise JobUserError(f"data.train: {prepared.rows} sequences are fewer than one optimizer step needs "
+                           f"({spec.train.micro_batch_size * spec.grad_accum_steps * spec.resources.workers})",
+                           hint="add data or lower train.global_batch_size / micro_batch_size")
+    total_steps = spec.train.max_steps or max(1, math.ceil(per_epoch * spec.train.epochs))
+    return prepared, per_epoch, total_steps
 
 
 def _spec_text() -> str:

@@ -220,10 +220,10 @@ class _RunBase(Strict):
         t = self.tune
         if t is None:
             return self
-        data_paths = [p for p in t.search_space if p.startswith("data.")]
-        if data_paths:
-            raise ValueError(f"tune.search_space: searching data fields ({', '.join(data_paths)}) is not "
-                             "supported yet: the data is prepared once for all trials")
+        sampled = [p for p, d in t.search_space.items() if p.startswith("data.") and d.kind not in ("choice", "grid")]
+        if sampled:
+            raise ValueError(f"tune.search_space: search data fields ({', '.join(sampled)}) with choice or grid: "
+                             "the data is prepared once per value, before the trials start")
         if t.metric.startswith("eval_") and not (self.data.eval or self.data.eval_fraction > 0):
             raise ValueError(f"tune.metric {t.metric} needs eval data: set data.eval or data.eval_fraction")
         if t.scheduler.type == "asha" and t.metric.startswith("eval_") and not self.train.eval_every:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import itertools
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -103,7 +104,8 @@ def _callback(spec: AnyRun, total_steps: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             step = (trial.last_result or {}).get("step") or 0
-            _event("finished" if step >= total_steps else "stopped", trial, step=step,
+            total = (trial.last_result or {}).get("total_steps", total_steps)
+            _event("finished" if step >= total else "stopped", trial, step=step,
                    value=(trial.last_result or {}).get(metric))
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -117,10 +119,11 @@ def _callback(spec: AnyRun, total_steps: int):
     return TrialEvents()
 
 
-def run_search(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int,
-               total_steps: int) -> dict[str, Any] | None:
+def run_search(spec: AnyRun, run: str, prepare: Callable[..., tuple[data.Prepared, int, int]]
+               ) -> dict[str, Any] | None:
     """Run the search; returns the summary written to `<run>/result.json`, or None when it
-    was interrupted (it is continued by running it again)."""
+    was interrupted (it is continued by running it again). `prepare(spec, label)` is
+    `entry.prepare_run`: called once per distinct data configuration, before any trial."""
     import ray
     from ray import tune
 
@@ -133,11 +136,13 @@ def run_search(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int,
         trial_id = tune.get_context().get_trial_id()
         values = {p: config[p] for p in paths}
         one = trial_spec(base, values)
+        prepared, per_epoch, steps = prepared_by_data[_data_key({p: v for p, v in values.items()
+                                                                if p.startswith("data.")})]
         trial_run = storage.join(run, TRIALS_DIR, trial_id)
         start, donor = start_point(trial_run, tune.get_checkpoint())
         if donor is not None:
             record_exploit(trial_run, trial_id, donor, start, values)
-        _run_trial(one, trial_run, prepared, per_epoch, total_steps, start, trial_id)
+        _run_trial(one, trial_run, prepared, per_epoch, steps, start, trial_id, t.metric)
 
     concurrency = capacity_concurrency(spec, ray.cluster_resources())
     if t.max_concurrent_trials:
@@ -148,12 +153,18 @@ def run_search(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int,
         raise JobUserError(f"tune: population-based training runs its {population(spec)} trials at once, and "
                            f"{concurrency} fit (each: {spec.resources.workers} worker(s) + the trial's driver)",
                            hint="lower tune.num_samples (or the grid), or use a larger cluster")
+    prepared_by_data = {}
+    for values in data_variants(spec):
+        label = " (" + ", ".join(f"{p}={v}" for p, v in values.items()) + ")" if values else ""
+        prepared_by_data[_data_key(values)] = prepare(trial_spec(base, values) if values else spec, label)
+    total_steps = max(total for _, _, total in prepared_by_data.values())
     print(f"search: {t.num_samples} sample(s) of {len(t.search_space)} value(s), {concurrency} trial(s) at once, "
           f"scheduler {t.scheduler.type}, search {t.search}; trials in {storage.join(run, TRIALS_DIR)}", flush=True)
     seed = t.seed if t.seed is not None else spec.train.seed
     tune_config = tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
                                   # Random and grid search bound themselves (_search_alg).
-                                  max_concurrent_trials=concurrency if t.search == "optuna" else None, scheduler=_scheduler(spec, total_steps, seed),
+                                  max_concurrent_trials=concurrency if t.search == "optuna" else None,
+                                  scheduler=_scheduler(spec, total_steps, seed),
                                   search_alg=_search_alg(spec, seed, concurrency), time_budget_s=t.time_budget_s)
     trainable = tune.with_resources(trial, {"CPU": DRIVER_CPUS})
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=tune_path, storage_filesystem=fs, verbose=0,
@@ -177,6 +188,17 @@ def run_search(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int,
     return summarize(spec, run, results, total_steps)
 
 
+def data_variants(spec: AnyRun) -> list[dict[str, Any]]:
+    """Every distinct combination of the searched `data.*` values (each a choice or grid:
+    the data is prepared once for each before the trials start); [{}] when none is searched."""
+    space = {p: d for p, d in spec.tune.search_space.items() if p.startswith("data.")}
+    return [dict(zip(space, combo)) for combo in itertools.product(*(d.args for d in space.values()))]
+
+
+def _data_key(values: dict[str, Any]) -> str:
+    return json.dumps(values, sort_keys=True, default=str)
+
+
 # ---------------------------------------------------------------- one trial
 
 POINTER = "pointer.json"  # what a trial's Tune checkpoint holds: where its Train checkpoint is
@@ -185,7 +207,7 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's c
 
 
 def _run_trial(spec: AnyRun, trial_run: str, prepared: data.Prepared, per_epoch: int, total_steps: int,
-               start: str | None, trial_id: str) -> None:
+               start: str | None, trial_id: str, metric: str) -> None:
     """The trial's run through `entry.fit`, with every report of its rank 0 passed on to Tune,
     and a Tune checkpoint beside each: a pointer to the run's newest Train checkpoint.
 
@@ -228,14 +250,24 @@ def _run_trial(spec: AnyRun, trial_run: str, prepared: data.Prepared, per_epoch:
             # this report at once, so it hears of the checkpoint only once it is complete.
             reported = storage.join(trial_run, "checkpoints", checkpoint.step_dir_name(metrics["step"]))
             newest = _await_complete(reported) or newest
+        if metric not in metrics:
+            # A checkpoint between evaluations: Tune wants the metric in every result (and
+            # ASHA would compare a stale one); the next evaluation carries this checkpoint.
+            continue
+        metrics.setdefault("total_steps", total_steps)  # this trial's: its data decides it
         tune.report(metrics, checkpoint=_pointer(newest, metrics["step"]) if newest else None)
         last_step = metrics["step"]
     runner.join()
     if "error" in outcome:
         raise outcome["error"]
-    if last_step < total_steps:  # restarted at its last step (after a pause): nothing was reported
-        tune.report({"step": total_steps, "trial_id": trial_id},
-                    checkpoint=_pointer(newest, total_steps) if newest else None)
+    if last_step < total_steps and newest:
+        # It had already finished (a PBT pause at its last step, or a search killed before
+        # Tune recorded the end): nothing was trained or reported this time. Its final
+        # checkpoint's manifest holds what it measured there.
+        manifest = json.loads(storage.read_text(storage.join(newest, checkpoint.MANIFEST)) or "{}")
+        final = {**manifest.get("metrics", {}), "total_steps": total_steps}
+        if final.get("step") == total_steps and metric in final:
+            tune.report(final, checkpoint=_pointer(newest, total_steps))
 
 
 def _forwarder(queue):
@@ -374,7 +406,8 @@ def summarize(spec: AnyRun, run: str, results, total_steps: int) -> dict[str, An
             "steps": (r.metrics or {}).get("step", 0),
             f"best_{t.metric}": better(values) if values else None,
             f"last_{t.metric}": values[-1] if values else None,
-            "status": "errored" if r.error else ("completed" if (r.metrics or {}).get("step", 0) >= total_steps
+            "status": "errored" if r.error else ("completed" if (r.metrics or {}).get("step", 0)
+                                                 >= (r.metrics or {}).get("total_steps", total_steps)
                                                  else "stopped early"),
             "history": history,
         })
@@ -385,7 +418,7 @@ def summarize(spec: AnyRun, run: str, results, total_steps: int) -> dict[str, An
     storage.write_text(storage.join(tune_dir, "results.csv"), _csv(ranked, paths, t.metric))
     _plot(ranked, t.metric, storage.join(tune_dir, "trials.png"))
     print(_table(ranked, paths, t.metric), flush=True)
-    summary: dict[str, Any] = {"status": "completed", "run": run, "trials": len(rows),
+    summary: dict[str, Any] = {"status": "completed", "run": run, "trials": len(rows), "total_steps": total_steps,
                                "results": storage.join(tune_dir, "results.csv")}
     completed = [row for row in ranked if row["status"] == "completed"]
     if not completed:

@@ -92,7 +92,8 @@ class PbtSpec(_Strict):
     """Population-based training: every `perturbation_interval` steps, a trial in the bottom
     `quantile_fraction` copies the newest checkpoint of one in the top and goes on from it
     with its values mutated (multiplied by 0.8 or 1.2, a choice moved one place, or
-    resampled). A mutation cannot change the model's shape: search `model.*` with ASHA."""
+    resampled). A mutation cannot change the model's shape or the data: search `model.*`
+    and `data.*` with ASHA or FIFO."""
 
     type: Literal["pbt"]
     perturbation_interval: int = Field(gt=0)
@@ -100,7 +101,7 @@ class PbtSpec(_Strict):
     from its newest checkpoint)."""
     mutations: dict[str, Distribution] | None = None
     """Paths mutated at each exploit and the distributions they are resampled from
-    (default: every path of `search_space` that is not a `model.*` path)."""
+    (default: every path of `search_space` outside `model.*` and `data.*`)."""
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     """The fraction of trials that copy (bottom) and are copied (top)."""
     resample_probability: float = Field(0.25, ge=0, le=1)
@@ -151,7 +152,7 @@ class TuneSpec(_Strict):
             if not mutated:
                 raise ValueError("scheduler pbt: nothing to mutate; give scheduler.mutations (e.g. train.lr)")
             grids = [p for p, d in mutated.items() if d.kind == "grid"]
-            shaped = [p for p in mutated if p.startswith("model.")]
+            shaped = [p for p in mutated if p.startswith(("model.", "data."))]
             if grids:
                 raise ValueError(f"scheduler pbt: a mutation cannot be a grid ({', '.join(grids)}); use choice")
             if shaped:
@@ -170,7 +171,7 @@ class TuneSpec(_Strict):
             return {}
         if s.mutations is not None:
             return dict(s.mutations)
-        return {p: d for p, d in self.search_space.items() if not p.startswith("model.")}
+        return {p: d for p, d in self.search_space.items() if not p.startswith(("model.", "data."))}
 
 
 # ---------------------------------------------------------------- paths against the schema

@@ -31,6 +31,9 @@ RUN_ELSEWHERE = {
     "launch configs/examples/prod_sft.yaml --cluster prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
     "launch configs/examples/prod_sft.yaml --cluster prod --ephemeral": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
     "launch down prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    # a GPU cluster that reaches the hub and S3: the render test checks what it would apply, a
+    # search itself runs in tests/integration/test_tune.py, a run on KubeRay in tests/k8s
+    "launch configs/examples/prod_tune.yaml --cluster prod": "test_kubernetes_doc_render_commands + test_tune.py",
     "launch configs/examples/tune_lora.yaml": "tests/integration/test_tune.py (the run on the session's S3 server)",
 }
 
@@ -60,6 +63,7 @@ TESTED = {
     "launch configs/examples/quickstart.yaml checkpoint.storage=s3://my-bucket/runs",
     "launch render configs/examples/prod_sft.yaml --cluster prod",
     "launch render configs/examples/prod_sft.yaml --cluster prod --ephemeral",
+    "launch render configs/examples/prod_tune.yaml --cluster prod",
 }
 
 
@@ -190,6 +194,7 @@ def test_every_shipped_config_validates(tmp_path):
 @pytest.mark.parametrize("command,kinds", [
     ("launch render configs/examples/prod_sft.yaml --cluster prod", ["RayCluster"]),
     ("launch render configs/examples/prod_sft.yaml --cluster prod --ephemeral", ["RayJob", "ConfigMap"]),
+    ("launch render configs/examples/prod_tune.yaml --cluster prod", ["RayCluster"]),
 ])
 def test_kubernetes_doc_render_commands(tmp_path, command, kinds):
     import yaml

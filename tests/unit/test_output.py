@@ -442,3 +442,42 @@ def test_a_held_block_that_does_not_end_as_expected_is_shown_whole():
     # another source's lines are not held back meanwhile
     mixed = [STOPPED_TRIAL[0], "(RayTrainWorker pid=5) loading", *STOPPED_TRIAL[1:]]
     assert plain("\n".join(mixed) + "\n") == [ours(mixed[1])]
+
+
+def test_a_search_on_a_terminal_shows_a_live_table_of_its_trials():
+    from launcher.output import TRIAL_MARKER
+
+    events = [
+        {"event": "started", "trial": "t1", "config": {"train.lr": 0.01, "model.peft.r": 8}},
+        {"event": "result", "trial": "t1", "step": 2, "metric": "eval_loss", "value": 5.98},
+        {"event": "stopped", "trial": "t1", "step": 2, "value": 5.98},
+        {"event": "started", "trial": "t2", "config": {"train.lr": 0.002, "model.peft.r": 16}},
+        {"event": "result", "trial": "t2", "step": 4, "metric": "eval_loss", "value": 5.5},
+    ]
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    out = JobOutput(console)
+    out.feed("".join(f"{TRIAL_MARKER}{json.dumps(e)}\n" for e in events))
+    out.close()
+    screen = _ANSI.sub("", console.file.getvalue())
+    assert "trial t1 stopped early by the scheduler at step 2" in screen  # the lines stay
+    last = screen[screen.rindex("trial  "):]  # the table as it was left
+    header, *rows = [line.split() for line in last.strip().splitlines()]
+    assert header == ["trial", "train.lr", "model.peft.r", "step", "eval_loss", "state"]
+    assert rows == [["t1", "0.01", "8", "2", "5.9800", "stopped", "early"],
+                    ["t2", "0.002", "16", "4", "5.5000", "running"]]
+
+
+def test_without_a_terminal_a_search_prints_lines_only():
+    from launcher.output import TRIAL_MARKER
+
+    event = {"event": "started", "trial": "t1", "config": {"train.lr": 0.01}}
+    assert plain(f"{TRIAL_MARKER}{json.dumps(event)}\n") == ["trial t1 started: train.lr=0.01"]
+
+
+def test_a_trial_stopped_by_the_scheduler_leaves_no_controller_report():
+    """What a trial's TrainController printed when ASHA stopped the trial (captured from
+    tests/integration/test_tune.py): its workers' deaths, twice, ending in "owner has died"."""
+    block = (Path(__file__).parents[1] / "fixtures/logs/asha_stopped_trial.log").read_text()
+    assert block.count("owner has died") == 3 and "Graceful shutdown of backend failed" in block
+    assert plain(block + "trial x stopped\n") == ["trial x stopped"]
+    assert len(plain(block, verbose=True)) == len(block.splitlines())
