@@ -108,7 +108,11 @@ _BLOCKS = [(re.compile(r"^Exception ignored in: <function WeakSet\.__init__\.<lo
            (re.compile(r"^\[FailurePolicy\] RAISE$"), _OWNER_DIED),
            (re.compile(r"^ray\.train\.WorkerGroupError: Training failed due to worker errors:$"), _OWNER_DIED),
            (re.compile(r"^Graceful shutdown of backend failed\. This is expected if one of the workers has crashed\.$"),
-            _OWNER_DIED)]
+            _OWNER_DIED),
+           # A worker of the stopped trial, cut off in the middle of a report: shown unless
+           # it ends in the placement group's removal (a real error ends otherwise).
+           (re.compile(r"^Error in training function:$"),
+            re.compile(r"Destroying worker since its placement group was removed\.|because its owner has died\."))]
 _BLOCK_LINES = 60  # a block longer than this is not the one expected: shown as it is
 # A Python warning ("path.py:12: SomeWarning: text"): the line after it is its source line, indented.
 _WARNING = re.compile(r"\.py:\d+: \w*Warning: ")
@@ -254,6 +258,7 @@ class JobOutput:
         lines.append(line)
         if end.search(message):
             del self._held[source]
+            self._hid = source  # a blank line after it belongs to it
             return []
         if len(lines) > _BLOCK_LINES:
             del self._held[source]

@@ -237,7 +237,7 @@ def _run_trial(spec: AnyRun, trial_run: str, prepared: data.Prepared, per_epoch:
 
     runner = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
     runner.start()
-    newest, last_step = start, 0
+    newest, final = start, None
     while True:
         try:
             metrics = reports.get(timeout=1.0)
@@ -255,12 +255,18 @@ def _run_trial(spec: AnyRun, trial_run: str, prepared: data.Prepared, per_epoch:
             # ASHA would compare a stale one); the next evaluation carries this checkpoint.
             continue
         metrics.setdefault("total_steps", total_steps)  # this trial's: its data decides it
+        if metrics["step"] >= total_steps:
+            # Held until the run has exported its model: at its last step the scheduler ends
+            # the trial (ASHA at max_t), and Tune would stop it in the middle of the export.
+            final = metrics
+            continue
         tune.report(metrics, checkpoint=_pointer(newest, metrics["step"]) if newest else None)
-        last_step = metrics["step"]
     runner.join()
     if "error" in outcome:
         raise outcome["error"]
-    if last_step < total_steps and newest:
+    if final is not None:
+        tune.report(final, checkpoint=_pointer(newest, total_steps) if newest else None)
+    elif newest:
         # It had already finished (a PBT pause at its last step, or a search killed before
         # Tune recorded the end): nothing was trained or reported this time. Its final
         # checkpoint's manifest holds what it measured there.

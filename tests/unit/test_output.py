@@ -479,5 +479,6 @@ def test_a_trial_stopped_by_the_scheduler_leaves_no_controller_report():
     tests/integration/test_tune.py): its workers' deaths, twice, ending in "owner has died"."""
     block = (Path(__file__).parents[1] / "fixtures/logs/asha_stopped_trial.log").read_text()
     assert block.count("owner has died") == 3 and "Graceful shutdown of backend failed" in block
+    assert "Destroying worker since its placement group was removed" in block
     assert plain(block + "trial x stopped\n") == ["trial x stopped"]
     assert len(plain(block, verbose=True)) == len(block.splitlines())

@@ -9,9 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
-from launcher.cli import main
+from tests.unit.test_tune_spec import validate_spec
 from trainers import checkpoint
 from trainers.tune import start_point
 
@@ -20,15 +19,7 @@ TUNE_PBT = REPO / "configs/examples/tune_pbt.yaml"
 
 
 def validate(tmp_path, capsys, **sections) -> tuple[int, str]:
-    spec = tmp_path / "pbt.yaml"
-    data = {"train": [{"path": str(REPO / "configs/examples/data/messages.jsonl"), "format": "messages"}]}
-    spec.write_text(yaml.safe_dump({"defaults": [str(TUNE_PBT)], "data": data, **sections}))
-    try:
-        main(["validate", str(spec)])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    return validate_spec(tmp_path, capsys, TUNE_PBT, **sections)
 
 
 def pbt(**fields) -> dict:

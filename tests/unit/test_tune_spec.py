@@ -18,17 +18,22 @@ REPO = Path(__file__).resolve().parents[2]
 TUNE_LORA = REPO / "configs/examples/tune_lora.yaml"
 
 
-def validate_with(tmp_path, capsys, tune: dict) -> tuple[int, str]:
+def validate_spec(tmp_path, capsys, base: Path, **sections) -> tuple[int, str]:
+    """`launch validate` of `base` with these sections merged over it (the data path made
+    absolute: a defaults file's relative paths resolve against the top spec)."""
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(yaml.safe_dump({"defaults": [str(TUNE_LORA)], "tune": tune,
-                                    "data": {"train": [{"path": str(REPO / "configs/examples/data/messages.jsonl"),
-                                                        "format": "messages"}]}}))
+    data = {"train": [{"path": str(REPO / "configs/examples/data/messages.jsonl"), "format": "messages"}]}
+    spec.write_text(yaml.safe_dump({"defaults": [str(base)], "data": data, **sections}))
     try:
         main(["validate", str(spec)])
         code = 0
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
+
+
+def validate_with(tmp_path, capsys, tune: dict) -> tuple[int, str]:
+    return validate_spec(tmp_path, capsys, TUNE_LORA, tune=tune)
 
 
 def test_shipped_example_validates(tmp_path, capsys):
