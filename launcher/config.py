@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from launcher.errors import SpecError, SpecIssue
+from trainers.chat_templates import is_file_reference
 from trainers.spec import PretrainRun, RunSpec, SftRun, parse_spec
 
 
@@ -256,6 +257,8 @@ def _omegaconf(source: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
 def _compose(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     """The file merged over its `defaults:` files (each relative to its own directory)."""
     data = load_yaml_mapping(path)
+    # A file's paths are relative to that file, also when it is another spec's defaults.
+    _resolve_paths(data, path.parent)
     defaults = data.pop("defaults", None) or []
     if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
         raise SpecError(str(path), [SpecIssue("defaults", "must be a list of file paths", defaults)])
@@ -350,6 +353,8 @@ def _resolve_paths(data: dict[str, Any], spec_dir: Path) -> None:
     for split in ("train", "eval"):  # anything malformed is left for validation to report
         entries = datasets.get(split) if isinstance(datasets.get(split), list) else []
         targets += [(ds, "path", next_to_spec) for ds in entries if isinstance(ds, dict)]
+    if is_file_reference(datasets.get("chat_template")):  # not a built-in name or the template itself
+        targets.append((datasets, "chat_template", next_to_spec))
     for section, key, fix in targets:
         if isinstance(section.get(key), str) and "://" not in section[key]:
             section[key] = fix(section[key])
@@ -519,4 +524,7 @@ def for_cluster(spec) -> dict[str, Any]:
     ds = data["train"]["deepspeed"]
     if isinstance(ds, str) and not ds.lstrip().startswith("{") and os.path.isfile(ds):
         data["train"]["deepspeed"] = Path(ds).read_text()
+    template = data["data"]["chat_template"]
+    if is_file_reference(template) and os.path.isfile(template):  # likewise a jinja file
+        data["data"]["chat_template"] = Path(template).read_text(encoding="utf-8")
     return data

@@ -47,9 +47,27 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
                 issues.append(SpecIssue(f"data.{split}[{i}].path", "no such file or directory", ds.path))
     if _looks_local(spec.model.path) and not os.path.exists(spec.model.path):
         issues.append(SpecIssue("model.path", "no such directory", spec.model.path))
+    issues += _chat_template_file_issues(spec.data.chat_template)
     if issues:
         raise SpecError(source, issues)
     return ds_cfg
+
+
+def _chat_template_file_issues(value: str | None) -> list[SpecIssue]:
+    """A `data.chat_template` that names a file: one this machine reads (the launcher sends
+    its text to the cluster, as for a DeepSpeed JSON)."""
+    from trainers import chat_templates
+
+    if not chat_templates.is_file_reference(value):
+        return []
+    builtins = ", ".join(chat_templates.BUILTIN)
+    if "://" in value:
+        return [SpecIssue("data.chat_template", f"name a local jinja file or a built-in ({builtins})", value)]
+    try:
+        chat_templates.resolve(value)
+    except chat_templates.TemplateError as e:
+        return [SpecIssue("data.chat_template", str(e).removeprefix("data.chat_template: "))]
+    return []
 
 
 def _local_paths_on_remote(spec: AnyRun) -> list[SpecIssue]:
@@ -107,6 +125,28 @@ def check_data(spec: AnyRun, source: str, *, local_only: bool = False) -> None:
     if issues:
         raise SpecError(source, issues, hint="fix the rows, or the dataset's `format` and field options "
                                              "(`launch schema --markdown` lists them)")
+    check_chat_template(spec, source, local_only=local_only)
+
+
+def check_chat_template(spec: AnyRun, source: str, *, local_only: bool = False) -> None:
+    """Chat data needs a chat template: the tokenizer's own or `data.chat_template`. Read
+    from a local model directory's files (a hub or `s3://` model is checked by the job)."""
+    from trainers import chat_templates, data_check
+
+    if spec.data.chat_template is not None:
+        return
+    if chat_templates.model_dir_has_template(spec.model.path) is not False:
+        return
+    # Offline (`launch validate`) no bucket is read: a prompt_completion file there is not
+    # peeked at; messages and sharegpt are chat data whatever their rows.
+    chat = [f"data.{split}[{i}] (format {ds.format})" for split in ("train", "eval")
+            for i, ds in enumerate(getattr(spec.data, split))
+            if not (local_only and "://" in ds.path and ds.format == "prompt_completion")
+            and data_check.is_chat_data(ds)]
+    if chat:
+        message, hint = chat_templates.missing(spec.model.path, chat)
+        path, _, text = message.partition(": ")
+        raise SpecError(source, [SpecIssue(path, text)], hint=hint)
 
 
 def check_train_packages() -> None:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from trainers import data_check
+from trainers import chat_templates, data_check
 from trainers.spec import AnyRun, DatasetSpec
 
 IGNORE = -100
@@ -41,37 +41,114 @@ def tokenize_example(row: dict[str, Any], ds: DatasetSpec, tok) -> tuple[list[in
         p = _bos(tok) + tok.encode(prompt, add_special_tokens=False)
         r = tok.encode(str(row["output"]), add_special_tokens=False) + _eos(tok)
         return p + r, [IGNORE] * len(p) + r
-    return _tokenize_chat(row[ds.messages_field], tok)
+    if ds.format == "prompt_completion":
+        return _tokenize_prompt_completion(row, ds, tok)
+    return _tokenize_chat(chat_messages(row, ds), tok, ds.loss)
 
 
-def _tokenize_chat(messages: list[dict[str, str]], tok) -> tuple[list[int], list[int]]:
-    """Render with the tokenizer's chat template; loss only on assistant turns.
+def chat_messages(row: dict[str, Any], ds: DatasetSpec) -> list[dict[str, str]]:
+    """The row's conversation as `{role, content}` messages (formats messages and sharegpt);
+    other keys of a turn are dropped, so templates see only what every template reads."""
+    if ds.format == "sharegpt":
+        return [{"role": ds.roles[t["from"]], "content": t["value"]} for t in row[ds.conversations_field]]
+    return [{"role": m["role"], "content": m["content"]} for m in row[ds.messages_field]]
+
+
+def _tokenize_prompt_completion(row: dict[str, Any], ds: DatasetSpec, tok) -> tuple[list[int], list[int]]:
+    """TRL's prompt-completion convention. Strings: the prompt's tokens, then the
+    completion's and EOS, each encoded on its own so the prompt is tokenized as it will be
+    at inference. Turns: one conversation, trained on the completion's assistant turns."""
+    prompt, completion = row[ds.prompt_field], row[ds.completion_field]
+    if isinstance(prompt, list):
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt + completion]
+        return _tokenize_chat(messages, tok, ds.loss, first_trained=len(prompt))
+    p = _bos(tok) + tok.encode(prompt, add_special_tokens=False)
+    c = tok.encode(completion, add_special_tokens=False) + _eos(tok)
+    return p + c, (list(p) if ds.loss == "all" else [IGNORE] * len(p)) + c
+
+
+def _tokenize_chat(messages: list[dict[str, str]], tok, loss_on: str = "assistant",
+                   first_trained: int = 0) -> tuple[list[int], list[int]]:
+    """Render with the tokenizer's chat template; `loss_on` says which turns train:
+    `assistant` every assistant turn from message `first_trained` on, `last_turn` the last
+    of them, `all` every token.
 
     Templates that mark assistant output with `{% generation %}` say exactly which tokens
-    to train (Hugging Face's assistant mask). Otherwise each turn is tokenized as the text
-    the template adds for it, so the mask lines up with the ids; the assistant header (the
-    generation prompt) stays masked, everything else the template adds to the turn trains."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if "{% generation %}" in (tok.chat_template or "") or "{%- generation %}" in (tok.chat_template or ""):
+    to train (Hugging Face's assistant mask). Otherwise a turn trains what the template adds
+    for it after its assistant header (the generation prompt), found by rendering the
+    conversation up to the turn and diffing token ids (see `_turn_span`)."""
+    text = _render(tok, messages)
+    ids = _encode_rendered(tok, text)
+    if loss_on == "all":
+        return ids, list(ids)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i in assistant if i >= first_trained]
+    if loss_on == "last_turn":
+        turns = turns[-1:]
+    tagged = chat_templates.has_generation_tags(tok.chat_template)
+    keep = [False] * len(ids)
+    # Turn spans are needed without tags, and with tags to leave out some assistant turns
+    # (a prompt's, or all but the last); the tags alone cover "every assistant turn".
+    if not tagged or turns != assistant:
+        for i in turns:
+            start, end = _turn_span(tok, messages, i, text, ids)
+            keep[start:end] = [True] * (end - start)
+    if tagged:
         out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids = list(out["input_ids"])
-        return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
-    ids: list[int] = []
-    labels: list[int] = []
-    rendered = ""
-    for i, msg in enumerate(messages):
-        if msg["role"] == "assistant":
-            header = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            seg = tok.encode(header[len(rendered):], add_special_tokens=False)
-            ids += seg
-            labels += [IGNORE] * len(seg)
-            rendered = header
-        full = tok.apply_chat_template(messages[: i + 1], tokenize=False)
-        seg = tok.encode(full[len(rendered):], add_special_tokens=False)
-        ids += seg
-        labels += seg if msg["role"] == "assistant" else [IGNORE] * len(seg)
-        rendered = full
-    return ids, labels
+        if list(out["input_ids"]) != ids:  # transformers tokenizes its rendering as above; this guards the mask
+            raise ValueError("the assistant mask does not line up with the rendered conversation")
+        generated = [bool(m) for m in out["assistant_masks"]]
+        keep = generated if turns == assistant else [g and k for g, k in zip(generated, keep)]
+    return ids, [t if k else IGNORE for t, k in zip(ids, keep)]
+
+
+def _render(tok, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    if not messages:
+        # What comes before an opening assistant turn: apply_chat_template refuses an empty
+        # conversation, the template itself renders one (often as BOS and the header).
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(conversations=[[]], chat_template=tok.chat_template,
+                                            add_generation_prompt=generation_prompt, **tok.special_tokens_map)
+        return rendered[0]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _encode_rendered(tok, text: str) -> list[int]:
+    # As apply_chat_template tokenizes: the template writes BOS and the like itself.
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _turn_span(tok, messages: list[dict[str, str]], i: int, full: str, ids: list[int]) -> tuple[int, int]:
+    """Token positions [start, end) of assistant turn `i` in `ids` (the whole conversation,
+    rendered as `full`), without its header: from the end of the conversation before it
+    plus the generation prompt, to the end of the conversation through it.
+
+    Positions come from token ids, not from searching the text: tokens that merge across a
+    boundary (a header ending in a newline, content starting with one) move the boundary to
+    the first token that differs, as TRL's `common_prefix_length` does. The rendered prefixes
+    must be prefixes of the whole conversation's text; a template that renders earlier turns
+    differently once more follow (some system-prompt placements) cannot be split this way."""
+    before = _render(tok, messages[:i], generation_prompt=True)
+    through = _render(tok, messages[: i + 1])
+    if not (full.startswith(before) and full.startswith(through)):
+        what = ("the conversation opens with an assistant turn, and the chat template renders its header "
+                "differently with no turn before it" if i == 0 else
+                f"the chat template renders the turns before assistant turn {i} differently once later turns follow")
+        raise chat_templates.TemplateError(
+            f"{what}, so the tokens of that turn cannot be told apart: use a template with {{% generation %}} "
+            "tags (data.chat_template) or loss_on: all")
+    return (_common_prefix(_encode_rendered(tok, before), ids),
+            _common_prefix(_encode_rendered(tok, through), ids))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _bos(tok) -> list[int]:
@@ -117,18 +194,18 @@ class Prepared:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_path: str, trust_remote_code: bool):
+def _tokenizer(model_path: str, trust_remote_code: bool, chat_template: str | None = None):
     """Loaded once per Ray worker process. Tasks may run on any node, so an `s3://` model's
     tokenizer files are fetched (once per node, without weights) where the task runs."""
     from trainers import models, secrets_env
 
     secrets_env.load()  # an s3:// model: this task may run in a process that has not loaded them
-    return models.load_tokenizer(models.local_model_dir(model_path, weights=False), trust_remote_code)
+    return models.load_tokenizer(models.local_model_dir(model_path, weights=False), trust_remote_code, chat_template)
 
 
 def _tokenize_batch(batch, *, ds: DatasetSpec, where: str, model_path: str, trust_remote_code: bool, max_len: int,
-                    packing: bool):
-    tok = _tokenizer(model_path, trust_remote_code)
+                    packing: bool, chat_template: str | None = None):
+    tok = _tokenizer(model_path, trust_remote_code, chat_template)
     examples = []
     for row in batch.to_pylist():
         example, problem = _formatted(row, ds, tok)
@@ -202,7 +279,7 @@ def prepare(spec: AnyRun) -> Prepared:
                 batch_size=1024,
                 fn_kwargs=dict(ds=ds, where=f"data.{split}[{i}]", model_path=spec.model.path,
                                trust_remote_code=spec.model.trust_remote_code, max_len=d.max_seq_len,
-                               packing=d.packing),
+                               packing=d.packing, chat_template=d.chat_template),
             )
             for i, ds in enumerate(getattr(d, split))
         ]

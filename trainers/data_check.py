@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator
 
-from trainers.spec import DatasetSpec
+from trainers.spec import CHAT_ROLES, DatasetSpec
 
 PEEK_ROWS = 64
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 # The prefix of a data error's message inside an exception raised in a Ray Data task: the
 # job's driver finds it in the wrapped exception's text (the object itself does not survive).
 MARKER = "LLMLAUNCH_DATA_ERROR:"
@@ -64,33 +63,93 @@ def row_problem(row: Any, ds: DatasetSpec) -> str | None:
         if not _missing(row, "input") and not isinstance(row["input"], str):
             return f"field `input` must be a string, got {_type(row['input'])}"
         return None
+    if ds.format == "sharegpt":
+        return _sharegpt_problem(row, ds)
+    if ds.format == "prompt_completion":
+        return _prompt_completion_problem(row, ds)
     if problem := _field_problem(row, ds.messages_field, list, "messages_field"):
         return problem
-    messages = row[ds.messages_field]
+    return _conversation_problem(row[ds.messages_field], ds.messages_field)
+
+
+def _conversation_problem(messages: list[Any], field: str, *, needs_assistant: bool = True) -> str | None:
+    """A list of `{role, content}` turns: `field` names it in the messages."""
     if not messages:
-        return f"field `{ds.messages_field}` is an empty conversation"
+        return f"field `{field}` is an empty conversation"
     for i, m in enumerate(messages):
-        where = f"`{ds.messages_field}[{i}]`"
+        where = f"`{field}[{i}]`"
         if not isinstance(m, dict):
             return f"{where} must be an object with `role` and `content`, got {_type(m)}"
         if _missing(m, "role") or _missing(m, "content"):
             have = ", ".join(f"`{k}`" for k, v in m.items() if v is not None) or "no fields"
-            hint = " (ShareGPT style: convert `from`/`value` to `role`/`content`)" if "from" in m else ""
+            hint = " (ShareGPT style: use `format: sharegpt`)" if "from" in m else ""
             return f"{where} needs `role` and `content`; it has {have}{hint}"
         if m["role"] not in CHAT_ROLES:
             return f"{where} has role {m['role']!r}; roles are {', '.join(CHAT_ROLES)}"
         if not isinstance(m["content"], str):
             return f"{where} content must be a string, got {_type(m['content'])}"
-    if not any(m["role"] == "assistant" for m in messages):
-        return f"field `{ds.messages_field}` has no assistant turn: nothing to train on"
+    if needs_assistant and not any(m["role"] == "assistant" for m in messages):
+        return f"field `{field}` has no assistant turn: nothing to train on"
     return None
 
 
-def _field_problem(row: dict[str, Any], key: str, kind: type, option: str | None = None) -> str | None:
+def _sharegpt_problem(row: dict[str, Any], ds: DatasetSpec) -> str | None:
+    field = ds.conversations_field
+    if problem := _field_problem(row, field, list, "conversations_field"):
+        return problem
+    turns = row[field]
+    if not turns:
+        return f"field `{field}` is an empty conversation"
+    for i, t in enumerate(turns):
+        where = f"`{field}[{i}]`"
+        if not isinstance(t, dict):
+            return f"{where} must be an object with `from` and `value`, got {_type(t)}"
+        if _missing(t, "from") or _missing(t, "value"):
+            have = ", ".join(f"`{k}`" for k, v in t.items() if v is not None) or "no fields"
+            hint = " ({role, content} turns: use `format: messages`)" if "role" in t else ""
+            return f"{where} needs `from` and `value`; it has {have}{hint}"
+        if t["from"] not in ds.roles:
+            known = ", ".join(repr(k) for k in ds.roles) or "none"
+            return (f"{where} is from {t['from']!r}, which `roles` does not map to a chat role (it maps {known}); "
+                    f"add it, e.g. `roles: {{{t['from']}: assistant}}`")
+        if not isinstance(t["value"], str):
+            return f"{where} value must be a string, got {_type(t['value'])}"
+    if not any(ds.roles[t["from"]] == "assistant" for t in turns):
+        gpt = " or ".join(repr(k) for k, v in ds.roles.items() if v == "assistant") or "a name `roles` maps to assistant"
+        return f"field `{field}` has no assistant turn (from {gpt}): nothing to train on"
+    return None
+
+
+def _prompt_completion_problem(row: dict[str, Any], ds: DatasetSpec) -> str | None:
+    p, c = ds.prompt_field, ds.completion_field
+    for key, option in ((p, "prompt_field"), (c, "completion_field")):
+        if _missing(row, key):
+            # Half a pair looks like nothing else: guess only when both fields are absent.
+            return _field_problem(row, key, str, option, guess=_missing(row, p) and _missing(row, c))
+    prompt, completion = row[p], row[c]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return None
+    if isinstance(prompt, list) and isinstance(completion, list):
+        if prompt and (problem := _conversation_problem(prompt, p, needs_assistant=False)):
+            return problem
+        return _conversation_problem(completion, c)
+    return (f"fields `{p}` and `{c}` must both be strings or both be lists of chat turns; got "
+            f"{_type(prompt)} and {_type(completion)}")
+
+
+def is_conversational(row: Any, ds: DatasetSpec) -> bool:
+    """Whether a (valid) row is rendered with a chat template."""
+    if ds.format in ("messages", "sharegpt"):
+        return True
+    return ds.format == "prompt_completion" and isinstance(row, dict) and isinstance(row.get(ds.prompt_field), list)
+
+
+def _field_problem(row: dict[str, Any], key: str, kind: type, option: str | None = None, *,
+                   guess: bool = True) -> str | None:
     if _missing(row, key):
         have = ", ".join(f"`{k}`" for k, v in row.items() if v is not None) or "no fields"
         text = f"no field `{key}`; the row has {have}"
-        guess = guess_format(row)
+        guess = guess_format(row) if guess else None
         if guess:
             text += f"; it looks like {guess}"
         elif option:
@@ -104,20 +163,21 @@ def _field_problem(row: dict[str, Any], key: str, kind: type, option: str | None
 def guess_format(row: dict[str, Any]) -> str | None:
     """What the row looks like, phrased as the spec change that would read it."""
     keys = {k for k, v in row.items() if v is not None}
+    if {"prompt", "completion"} <= keys and not {"chosen", "rejected"} & keys:
+        # Before the chat checks: a conversational pair's fields are lists of turns too.
+        return "prompt/completion pairs: `format: prompt_completion`"
     for key in sorted(keys):
         value = row[key]
         if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
             if all({"role", "content"} <= set(m) for m in value):
                 return f"chat data: `format: messages, messages_field: {key}`"
             if all({"from", "value"} <= set(m) for m in value):
-                return (f"ShareGPT chat data (`{key}` of {{from, value}}), which `format: messages` does not "
-                        "read yet: convert each turn to {role, content}")
+                field = "" if key == "conversations" else f", conversations_field: {key}"
+                return f"ShareGPT chat data (`{key}` of {{from, value}}): `format: sharegpt{field}`"
     if {"instruction", "output"} <= keys:
         return "instruction data: `format: alpaca`"
     if {"prompt", "chosen", "rejected"} <= keys:
         return "preference pairs (prompt/chosen/rejected), which sft does not train on"
-    if {"prompt", "completion"} <= keys:
-        return "prompt/completion pairs, which are not a supported format yet"
     strings = sorted(k for k in keys if isinstance(row[k], str))
     if len(strings) == 1:
         return f"raw text: `format: text, text_field: {strings[0]}`"
@@ -233,6 +293,24 @@ def peek_problems(ds: DatasetSpec) -> list[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+def is_chat_data(ds: DatasetSpec) -> bool | None:
+    """Whether the dataset is rendered with a chat template: always for messages and
+    sharegpt; for prompt_completion when its first row's prompt is a list of turns (None
+    when that row cannot be read from here). Raises nothing."""
+    from trainers import storage
+
+    if ds.format in ("messages", "sharegpt"):
+        return True
+    if ds.format != "prompt_completion":
+        return False
+    try:
+        files = data_files(ds.path)
+        first = next((row for _, row in rows(files[0], 1)), None) if files else None
+    except (storage.StorageError, DataError):
+        return None
+    return None if first is None else is_conversational(first, ds)
 
 
 def scan(ds: DatasetSpec, check) -> str | None:

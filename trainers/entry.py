@@ -111,6 +111,34 @@ def check_data(spec: AnyRun) -> None:
                 raise JobUserError(f"data.{split}[{i}].path: {e}", hint=e.hint) from None
     if problems:
         raise JobUserError("; ".join(problems), hint="fix the rows, or the dataset's `format` and field options")
+    check_chat_template(spec)
+
+
+def check_chat_template(spec: AnyRun) -> None:
+    """Chat data has a chat template to be rendered with, before anything is started: the
+    launcher could not tell for a hub or `s3://` model (this loads its tokenizer files)."""
+    from trainers import chat_templates, models
+
+    if spec.data.chat_template is not None:
+        try:
+            chat_templates.resolve(spec.data.chat_template)
+        except chat_templates.TemplateError as e:
+            raise JobUserError(str(e), hint="the launcher sends a jinja file's text: name a file it can read") from None
+        return
+    chat = [f"data.{split}[{i}] (format {ds.format})" for split in ("train", "eval")
+            for i, ds in enumerate(getattr(spec.data, split)) if data_check.is_chat_data(ds)]
+    if not chat:
+        return
+    has = chat_templates.model_dir_has_template(spec.model.path)
+    if has is None:
+        try:
+            tok = models.load_tokenizer(models.local_model_dir(spec.model.path, weights=False),
+                                        spec.model.trust_remote_code)
+        except Exception:  # unreachable model, no network: reported where the data tasks load it
+            return
+        has = bool(tok.chat_template)
+    if not has:
+        raise JobUserError(*chat_templates.missing(spec.model.path, chat))
 
 
 def prepare_data(spec: AnyRun) -> data.Prepared:

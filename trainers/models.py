@@ -39,12 +39,18 @@ def local_model_dir(path: str, *, weights: bool = True) -> str:
     return str(dest)
 
 
-def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer, with `data.chat_template` (a built-in name, a file or template text)
+    in place of its own template when one is given: the export saves it with the model."""
     from transformers import AutoTokenizer
+
+    from trainers import chat_templates
 
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        tok.chat_template = chat_templates.resolve(chat_template)
     return tok
 
 

@@ -37,7 +37,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # ---- model, tokenizer, engine
     model_dir = models.local_model_dir(spec.model.path)
-    tokenizer = models.load_tokenizer(model_dir, spec.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(model_dir, spec.model.trust_remote_code, spec.data.chat_template)
     dtype = precision(spec, use_gpu)
     hidden = _hidden_size(model_dir, spec.model.trust_remote_code)
     ds_config = deepspeed_config(spec, use_gpu=use_gpu, total_steps=total_steps, hidden_size=hidden)

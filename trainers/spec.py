@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
 from trainers.tune_spec import TuneSpec
 
@@ -60,17 +60,59 @@ class ModelSpec(Strict):
         return v
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Formats whose rows are (or may be) conversations rendered with a chat template.
+CHAT_FORMATS = ("messages", "sharegpt", "prompt_completion")
+BUILTIN_CHAT_TEMPLATES = ("chatml", "llama3")  # their text: trainers.chat_templates
+
+
 class DatasetSpec(Strict):
     path: str = Field(min_length=1)
     """A `.jsonl`/`.json`/`.parquet` file or directory, local or `s3://`, or a hub dataset id."""
-    format: Literal["text", "alpaca", "messages"] = "text"
-    """`text`: raw text (`text_field`); `alpaca`: instruction/input/output; `messages`: chat turns."""
+    format: Literal["text", "alpaca", "messages", "sharegpt", "prompt_completion"] = "text"
+    """`text`: raw text (`text_field`); `alpaca`: instruction/input/output; `messages`: chat turns;
+    `sharegpt`: `{from, value}` turns (`conversations_field`, `roles`); `prompt_completion`: a
+    `prompt` and a `completion`, both strings or both lists of chat turns (TRL's convention),
+    trained on the completion only."""
     text_field: str = "text"
     """Column holding raw text (format `text`)."""
     messages_field: str = "messages"
     """Column holding a list of `{role, content}` turns (format `messages`)."""
+    conversations_field: str = "conversations"
+    """Column holding a list of `{from, value}` turns (format `sharegpt`)."""
+    roles: dict[str, Literal[CHAT_ROLES]] = {
+        "human": "user", "gpt": "assistant", "system": "system"}
+    """ShareGPT `from` names and the chat roles they stand for (format `sharegpt`); a turn
+    whose `from` is not listed is an error naming its file and line."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt (format `prompt_completion`)."""
+    completion_field: str = "completion"
+    """Column holding the completion (format `prompt_completion`)."""
+    loss_on: Literal["assistant", "last_turn", "all"] | None = None
+    """Which tokens of chat data train (formats `messages`, `sharegpt`, `prompt_completion`):
+    `assistant` (the default) every assistant turn (of the completion, for
+    `prompt_completion`); `last_turn` only the final assistant turn; `all` every token,
+    prompts and template markup included. Under `assistant`/`last_turn` a turn trains what
+    its template's `{% generation %}` tags mark or, without tags, all the template writes
+    for it after its header (with ChatML, `<|im_end|>` and the newline after it); string `prompt_completion`
+    trains the completion and EOS under both."""
     split: str = "train"
     """Split to read when `path` is a hub dataset id."""
+
+    @field_validator("loss_on")
+    @classmethod
+    def _loss_on_needs_chat(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # text trains every token and alpaca its response: a choice there would be ignored.
+        fmt = info.data.get("format")  # absent when the format itself was invalid
+        if v is not None and fmt is not None and fmt not in CHAT_FORMATS:
+            raise ValueError(f"applies to formats {', '.join(CHAT_FORMATS)}; format {fmt} "
+                             f"{'trains every token' if fmt == 'text' else 'trains the response'}: remove it")
+        return v
+
+    @property
+    def loss(self) -> str:
+        """`loss_on`, with its default."""
+        return self.loss_on or "assistant"
 
 
 class DataSpec(Strict):
@@ -86,6 +128,10 @@ class DataSpec(Strict):
     """Concatenate examples into full `max_seq_len` sequences instead of padding each."""
     shuffle: bool = True
     """Shuffle the tokenized rows once (seeded by `train.seed`)."""
+    chat_template: str | None = Field(None, min_length=1)
+    """Chat template for chat data, instead of the tokenizer's own: a built-in (`chatml`,
+    `llama3`), a jinja file (relative to the spec), or the template text itself. Required
+    when the tokenizer has none. The exported model's tokenizer carries it."""
 
 
 class ZeroSpec(Strict):

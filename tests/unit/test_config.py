@@ -78,6 +78,20 @@ def test_nested_defaults_resolve_relative_to_their_own_file(tmp_path):
     assert (run.train.seed, run.train.epochs) == (7, 2)
 
 
+def test_paths_in_a_defaults_file_are_relative_to_that_file(tmp_path):
+    """A spec elsewhere built on a shipped example: the example's model and data (relative
+    to configs/examples/) are found there, not next to the spec that names it."""
+    examples = Path(__file__).resolve().parents[2] / "configs" / "examples"
+    run = load_spec(write(tmp_path, "mine/run.yaml", f"defaults: [{examples / 'lora.yaml'}]\nname: mine\n"))
+    assert run.model.path == str(examples / "tiny-llama")
+    assert run.data.train[0].path == str(examples / "data" / "messages.jsonl")
+    # ...and the spec's own relative paths stay relative to it
+    write(tmp_path, "mine/local.jsonl", '{"messages": []}\n')
+    run = load_spec(write(tmp_path, "mine/run2.yaml", f"defaults: [{examples / 'lora.yaml'}]\nname: mine\n"
+                          "data: {train: [{path: local.jsonl, format: messages}]}\n"))
+    assert run.data.train[0].path == str(tmp_path / "mine" / "local.jsonl")
+
+
 def test_defaults_cycle_is_an_error(tmp_path):
     write(tmp_path, "a.yaml", "defaults: [b.yaml]\n")
     write(tmp_path, "b.yaml", "defaults: [a.yaml]\n")

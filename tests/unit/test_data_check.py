@@ -19,6 +19,9 @@ from trainers.spec import DatasetSpec
 REPO = data_check.__file__.rsplit("/trainers/", 1)[0]
 QUICKSTART = f"{REPO}/configs/examples/quickstart.yaml"
 GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+SHAREGPT = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                              {"from": "gpt", "value": "a"}]}
+CONVERSATIONAL_PC = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}
 
 
 def fmt(name: str, **kw) -> DatasetSpec:
@@ -43,14 +46,57 @@ def fmt(name: str, **kw) -> DatasetSpec:
     ({"messages": [{"role": "user", "content": "q"}]}, fmt("messages"),
      "field `messages` has no assistant turn: nothing to train on"),
     ({"messages": [{"from": "human", "value": "q"}]}, fmt("messages"),
-     "`messages[0]` needs `role` and `content`; it has `from`, `value` (ShareGPT style: convert `from`/`value` "
-     "to `role`/`content`)"),
+     "`messages[0]` needs `role` and `content`; it has `from`, `value` (ShareGPT style: use `format: sharegpt`)"),
     ({"chat": GOOD_CHAT["messages"]}, fmt("messages"),
      "no field `messages`; the row has `chat`; it looks like chat data: `format: messages, messages_field: chat`"),
     ({"chat": GOOD_CHAT["messages"]}, fmt("messages", messages_field="chat"), None),
     ({"instruction": "a", "output": "b"}, fmt("messages"),
      "no field `messages`; the row has `instruction`, `output`; it looks like instruction data: `format: alpaca`"),
     ([1, 2], fmt("text"), "a row must be a JSON object, got a list"),
+    # sharegpt
+    (SHAREGPT, fmt("sharegpt"), None),
+    ({"chat": SHAREGPT["conversations"]}, fmt("sharegpt", conversations_field="chat"), None),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}, fmt("sharegpt"),
+     "`conversations[1]` is from 'bot', which `roles` does not map to a chat role (it maps 'human', 'gpt', "
+     "'system'); add it, e.g. `roles: {bot: assistant}`"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
+     fmt("sharegpt", roles={"human": "user", "bot": "assistant"}), None),
+    ({"conversations": [{"from": "human", "value": "q"}]}, fmt("sharegpt"),
+     "field `conversations` has no assistant turn (from 'gpt'): nothing to train on"),
+    ({"conversations": []}, fmt("sharegpt"), "field `conversations` is an empty conversation"),
+    ({"conversations": [{"from": "gpt", "value": 3}]}, fmt("sharegpt"),
+     "`conversations[0]` value must be a string, got a number"),
+    ({"conversations": ["hi"]}, fmt("sharegpt"),
+     "`conversations[0]` must be an object with `from` and `value`, got a string"),
+    ({"conversations": GOOD_CHAT["messages"]}, fmt("sharegpt"),
+     "`conversations[0]` needs `from` and `value`; it has `role`, `content` ({role, content} turns: use "
+     "`format: messages`)"),
+    (GOOD_CHAT, fmt("sharegpt"), "no field `conversations`; the row has `messages`; it looks like chat data: "
+                                 "`format: messages, messages_field: messages`"),
+    # prompt_completion
+    ({"prompt": "2+2=", "completion": "4"}, fmt("prompt_completion"), None),
+    (CONVERSATIONAL_PC, fmt("prompt_completion"), None),
+    ({"q": "2+2=", "a": "4"}, fmt("prompt_completion", prompt_field="q", completion_field="a"), None),
+    ({"prompt": "2+2="}, fmt("prompt_completion"),
+     "no field `completion`; the row has `prompt` (name the field with `completion_field`)"),
+    ({"prompt": "2+2=", "completion": [{"role": "assistant", "content": "4"}]}, fmt("prompt_completion"),
+     "fields `prompt` and `completion` must both be strings or both be lists of chat turns; got a string and "
+     "a list"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+     fmt("prompt_completion"), "field `completion` has no assistant turn: nothing to train on"),
+    ({"prompt": [{"role": "human", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
+     fmt("prompt_completion"), "`prompt[0]` has role 'human'; roles are system, user, assistant, tool"),
+    ({"prompt": [], "completion": [{"role": "assistant", "content": "a"}]}, fmt("prompt_completion"), None),
+    # what a row looks like, when declared as something else
+    ({"prompt": "2+2=", "completion": "4"}, fmt("text"),
+     "no field `text`; the row has `prompt`, `completion`; it looks like prompt/completion pairs: "
+     "`format: prompt_completion`"),
+    (CONVERSATIONAL_PC, fmt("messages"),
+     "no field `messages`; the row has `prompt`, `completion`; it looks like prompt/completion pairs: "
+     "`format: prompt_completion`"),
+    ({"dialog": SHAREGPT["conversations"]}, fmt("messages"),
+     "no field `messages`; the row has `dialog`; it looks like ShareGPT chat data (`dialog` of {from, value}): "
+     "`format: sharegpt, conversations_field: dialog`"),
 ])
 def test_row_problem(row, ds, expected):
     assert data_check.row_problem(row, ds) == expected
@@ -60,6 +106,26 @@ def test_sharegpt_row_is_recognised():
     row = {"id": 7, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     problem = data_check.row_problem(row, fmt("messages"))
     assert problem.startswith("no field `messages`; the row has `id`, `conversations`; it looks like ShareGPT")
+    assert problem.endswith("`format: sharegpt`")
+
+
+def test_is_chat_data_reads_the_first_row_of_prompt_completion(tmp_path):
+    strings = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "completion": "b"}])
+    turns = write_jsonl(tmp_path / "t.jsonl", [CONVERSATIONAL_PC])
+    assert data_check.is_chat_data(DatasetSpec(path=strings, format="prompt_completion")) is False
+    assert data_check.is_chat_data(DatasetSpec(path=turns, format="prompt_completion")) is True
+    assert data_check.is_chat_data(DatasetSpec(path=strings, format="sharegpt")) is True
+    assert data_check.is_chat_data(DatasetSpec(path=strings, format="text")) is False
+    assert data_check.is_chat_data(DatasetSpec(path="org/hub-id", format="prompt_completion")) is None
+
+
+def test_sharegpt_file_names_the_line_of_an_unknown_role(tmp_path):
+    bad = {"conversations": [{"from": "human", "value": "q"}, {"from": "chatgpt", "value": "a"}]}
+    path = write_jsonl(tmp_path / "sg.jsonl", [SHAREGPT, SHAREGPT, bad])
+    ds = DatasetSpec(path=path, format="sharegpt")
+    assert data_check.peek_problems(ds) == [
+        f"{path} line 3: `conversations[1]` is from 'chatgpt', which `roles` does not map to a chat role (it maps "
+        "'human', 'gpt', 'system'); add it, e.g. `roles: {chatgpt: assistant}`"]
 
 
 def write_jsonl(path, rows) -> str:
@@ -124,7 +190,8 @@ def test_validate_refuses_a_sharegpt_file_declared_as_messages(tmp_path, capsys)
     assert "the row has `conversations`" in err and "ShareGPT" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("example", ["quickstart.yaml", "lora.yaml", "alpaca_zero3.yaml", "pretrain.yaml"])
+@pytest.mark.parametrize("example", ["quickstart.yaml", "lora.yaml", "alpaca_zero3.yaml", "pretrain.yaml",
+                                     "sft_sharegpt.yaml", "sft_prompt_completion.yaml"])
 def test_validate_accepts_the_shipped_data(example, capsys):
     main(["validate", f"{REPO}/configs/examples/{example}"])  # returns: exit 0
     assert ": ok (" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def test_example_data_files():
 
 def test_write_example_data_matches_shipped(tmp_path):
     tiny_models.write_example_data(tmp_path)
-    for name in ("alpaca.jsonl", "messages.jsonl", "text.jsonl"):
+    for name in ("alpaca.jsonl", "messages.jsonl", "text.jsonl", "sharegpt.jsonl", "prompt_completion.jsonl"):
         assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes()
 
 
