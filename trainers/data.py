@@ -2,7 +2,9 @@
 workers then read their shard with `ray.train.get_dataset_shard` and never re-tokenize.
 
 Every row of the prepared dataset is one fixed-length sequence:
-`input_ids`, `labels` (-100 where no loss is taken) and `attention_mask`.
+`input_ids`, `labels` (-100 where no loss is taken) and `attention_mask`; packed rows also
+carry `position_ids` and `seq_ids`, so that each example attends only to itself (`pack`,
+`model_inputs`).
 """
 
 from __future__ import annotations
@@ -160,15 +162,34 @@ def _eos(tok) -> list[int]:
 
 
 def pack(examples: list[tuple[list[int], list[int]]], max_len: int, pad_id: int, packing: bool) -> dict[str, np.ndarray]:
-    """Fixed-length rows. With packing, examples are concatenated and cut every
-    `max_len` tokens; without, each example is truncated and padded on its own."""
-    if packing:
-        flat_ids = [t for ids, _ in examples for t in ids]
-        flat_labels = [t for _, labels in examples for t in labels]
-        chunks = [(flat_ids[i:i + max_len], flat_labels[i:i + max_len]) for i in range(0, len(flat_ids), max_len)]
-    else:
+    """Fixed-length rows: `input_ids`, `labels`, `attention_mask` (1 on non-pad tokens).
+
+    Without packing, each example is truncated and padded on its own. With packing,
+    examples are laid end to end and cut every `max_len` tokens (a row boundary may split
+    an example), and each row also carries its segments, so that no example sees or
+    predicts another (see `model_inputs`):
+
+    - `seq_ids` (int32): the segment of each token in its row, 0, 1, ...; a segment is an
+      example, or the part of one that a row boundary cut off. The chunk that goes on in the
+      next row is a new segment there: it cannot attend to the row before anyway, so it is
+      trained as an example of its own, positions from 0 (as a row's first tokens were
+      before segments existed), not from where it stood in the whole example.
+    - `position_ids` (int64): restart at 0 with every segment. Padding continues the last
+      segment's positions (and seq id), which is how transformers reads packed rows: a new
+      sequence wherever positions do not go up by one (`masking_utils.find_packed_sequence_indices`).
+    - the first label of every segment is IGNORE: the causal LM loss predicts the label at
+      position j from position j - 1, which for a segment's first token is the example before
+      (or nothing). transformers' `DataCollatorWithFlattening` does the same.
+
+    Rows without a single loss token are dropped."""
+    if not packing:
         chunks = [(ids[:max_len], labels[:max_len]) for ids, labels in examples]
-    chunks = [(ids, labels) for ids, labels in chunks if any(x != IGNORE for x in labels)]
+        chunks = [(ids, labels) for ids, labels in chunks if any(x != IGNORE for x in labels)]
+        return _padded_rows(chunks, max_len, pad_id)
+    return _packed_rows(examples, max_len, pad_id)
+
+
+def _padded_rows(chunks: list[tuple[list[int], list[int]]], max_len: int, pad_id: int) -> dict[str, np.ndarray]:
     n = len(chunks)
     input_ids = np.full((n, max_len), pad_id, dtype=np.int64)
     labels = np.full((n, max_len), IGNORE, dtype=np.int64)
@@ -178,6 +199,36 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int, pad_id: int,
         labels[row, : len(lab)] = lab
         mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def _packed_rows(examples: list[tuple[list[int], list[int]]], max_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    # The same cut as plain concatenation (the same rows, less any left without a label), with
+    # segment starts marked on the flat token stream and positions counted from the last.
+    lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
+    n = int(lengths.sum())
+    rows = -(-n // max_len)
+    flat_ids = np.full(rows * max_len, pad_id, dtype=np.int64)
+    flat_labels = np.full(rows * max_len, IGNORE, dtype=np.int64)
+    flat_ids[:n] = [t for ids, _ in examples for t in ids]
+    flat_labels[:n] = [t for _, labels in examples for t in labels]
+    # A segment starts where an example starts and where a row starts (a split example's rest).
+    starts = np.zeros(rows * max_len, dtype=bool)
+    example_starts = np.cumsum(lengths) - lengths
+    starts[example_starts[example_starts < n]] = True
+    starts[::max_len] = True
+    flat_labels[starts] = IGNORE
+    starts = starts.reshape(rows, max_len)
+    col = np.arange(max_len)
+    segment_start = np.maximum.accumulate(np.where(starts, col, 0), axis=1)
+    out = {
+        "input_ids": flat_ids.reshape(rows, max_len),
+        "labels": flat_labels.reshape(rows, max_len),
+        "attention_mask": (np.arange(rows * max_len) < n).astype(np.int64).reshape(rows, max_len),
+        "position_ids": (col - segment_start).astype(np.int64),
+        "seq_ids": (np.cumsum(starts, axis=1) - 1).astype(np.int32),
+    }
+    keep = (out["labels"] != IGNORE).any(axis=1)
+    return {k: v[keep] for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- Ray Data (driver)
@@ -320,6 +371,37 @@ def _count_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def steps_per_epoch(rows: int, workers: int, micro_batch_size: int, grad_accum: int) -> int:
     """Optimizer steps per epoch; every worker takes the same number (an equal split)."""
     return (rows // workers) // (micro_batch_size * grad_accum)
+
+
+def model_inputs(batch: dict[str, Any], device, attn_implementation: str | None = None) -> dict[str, Any]:
+    """The model's keyword arguments for a micro-batch of prepared rows (torch tensors), on
+    `device`; `labels` included (the model's loss shifts them itself).
+
+    Unpacked rows go as they always did, with their 2D padding mask. Packed rows go with
+    their `position_ids` and no `attention_mask`: transformers' `create_causal_mask`
+    (masking_utils) then finds the packed sequences from the restarting positions
+    (`find_packed_sequence_indices`) and builds a block-diagonal causal mask for sdpa,
+    eager and flex attention. It looks only when there is no 2D mask and no cache, so the
+    cache is turned off here (a model whose config says `use_cache: true` would otherwise
+    make one, and attend across examples). Right padding needs no mask: it comes after
+    every real token, and causal attention never shows a token what comes after it.
+
+    Flash attention reads packing from `position_ids` only for a batch of one row
+    (modeling_flash_attention_utils `_is_packed_sequence`), so there the rows are laid end
+    to end into one, as `DataCollatorWithFlattening` does: every segment's first label is
+    IGNORE, so no row learns to predict the next one's first token."""
+    packed = "position_ids" in batch
+    names = ("input_ids", "labels", "position_ids") if packed else ("input_ids", "labels", "attention_mask")
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in names}
+    if packed and attn_implementation and "flash" in attn_implementation:
+        inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
+    return {**inputs, "use_cache": False}
+
+
+def attn_implementation(model) -> str | None:
+    """The attention the model runs (`sdpa`, `eager`, `flash_attention_2`, ...); a PEFT
+    model answers for its base model."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def micro_batches(shard, *, micro_batch_size: int, grad_accum: int, start_step: int, total_steps: int,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainers.data import IGNORE
+from trainers.data import IGNORE, attn_implementation, model_inputs
 
 
 def evaluate(engine, shard, micro_batch_size: int) -> float | None:
@@ -16,11 +16,14 @@ def evaluate(engine, shard, micro_batch_size: int) -> float | None:
 
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, token count
+    attention = attn_implementation(engine.module)
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=micro_batch_size):
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
+            # The training step's inputs (packed rows: one example attends to itself), but
+            # the loss is taken here, summed over tokens: the model is not given the labels.
+            inputs = model_inputs(batch, engine.device, attention)
+            labels = inputs.pop("labels")[:, 1:]
+            logits = engine(**inputs).logits
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
             totals += torch.stack([loss.double(), (labels != IGNORE).sum().double()])

@@ -60,6 +60,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
     engine.train()
     window_start, window_tokens = time.perf_counter(), 0
+    attention = data.attn_implementation(engine.module)
     for step, micro in data.micro_batches(train_shard, micro_batch_size=spec.train.micro_batch_size,
                                           grad_accum=spec.grad_accum_steps, start_step=state.step,
                                           total_steps=total_steps, steps_per_epoch=steps_per_epoch):
@@ -67,8 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
         for batch in micro:
             window_tokens += int(batch["attention_mask"].sum())
-            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            loss = engine(**data.model_inputs(batch, engine.device, attention)).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
             loss_sum += loss.detach().float()

@@ -125,7 +125,9 @@ class DataSpec(Strict):
     max_seq_len: int = Field(2048, ge=8)
     """Tokens per training sequence; longer examples are truncated (or split when packing)."""
     packing: bool = True
-    """Concatenate examples into full `max_seq_len` sequences instead of padding each."""
+    """Concatenate examples into full `max_seq_len` sequences instead of padding each.
+    Packed examples do not attend to each other (positions restart with each); an example
+    cut by the end of a sequence goes on in the next one as an example of its own."""
     shuffle: bool = True
     """Shuffle the tokenized rows once (seeded by `train.seed`)."""
     chat_template: str | None = Field(None, min_length=1)

@@ -203,18 +203,32 @@ def test_pack_concatenates_in_order_and_cuts_full_rows():
         ([10, 11, 12], [IGNORE, 11, 12]),
         ([20, 21], [20, 21]),
         ([30, 31, 32, 33], [30, 31, 32, 33]),
+        ([40, 41], [40, 41]),
     ]
     out = pack(examples, max_len=4, pad_id=PAD_ID, packing=True)
-    assert set(out) == {"input_ids", "labels", "attention_mask"}
-    assert all(v.dtype == np.int64 for v in out.values())
-    assert out["input_ids"].tolist() == [[10, 11, 12, 20], [21, 30, 31, 32], [33, PAD_ID, PAD_ID, PAD_ID]]
-    assert out["labels"].tolist() == [[IGNORE, 11, 12, 20], [21, 30, 31, 32], [33, IGNORE, IGNORE, IGNORE]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
-    # The numbers prepare() reports: 9 real tokens in 3 rows of 4, 8 of them with loss.
+    assert set(out) == {"input_ids", "labels", "attention_mask", "position_ids", "seq_ids"}
+    assert all(out[k].dtype == np.int64 for k in ("input_ids", "labels", "attention_mask", "position_ids"))
+    assert out["seq_ids"].dtype == np.int32
+    assert out["input_ids"].tolist() == [[10, 11, 12, 20], [21, 30, 31, 32], [33, 40, 41, PAD_ID]]
+    # The first token of every segment (an example, or the rest of one a row cut) has no
+    # label: it would be predicted from the example before it, or from nothing.
+    assert out["labels"].tolist() == [[IGNORE, 11, 12, IGNORE], [IGNORE, IGNORE, 31, 32], [IGNORE, IGNORE, 41, IGNORE]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0], [0, 0, 1, 2], [0, 0, 1, 2]]  # padding continues
+    assert out["seq_ids"].tolist() == [[0, 0, 0, 1], [0, 1, 1, 1], [0, 1, 1, 1]]
+    # The numbers prepare() reports: 11 real tokens in 3 rows of 4, 5 of them with loss.
     counts = data._count_tokens(out)
-    assert counts["tokens"].tolist() == [4, 4, 1]
-    assert counts["loss_tokens"].tolist() == [3, 4, 1]
-    assert counts["tokens"].sum() / (len(out["input_ids"]) * 4) == pytest.approx(9 / 12)
+    assert counts["tokens"].tolist() == [4, 4, 3]
+    assert counts["loss_tokens"].tolist() == [2, 2, 1]
+    assert counts["tokens"].sum() / (len(out["input_ids"]) * 4) == pytest.approx(11 / 12)
+
+
+def test_pack_drops_a_row_whose_only_label_starts_a_segment():
+    # [33] is the rest of an example a row boundary cut: its label would be predicted from
+    # the row before, which it cannot see, so the row has nothing to train on.
+    examples = [([10, 11, 12], [IGNORE, 11, 12]), ([20, 21], [20, 21]), ([30, 31, 32, 33], [30, 31, 32, 33])]
+    out = pack(examples, max_len=4, pad_id=PAD_ID, packing=True)
+    assert out["input_ids"].tolist() == [[10, 11, 12, 20], [21, 30, 31, 32]]
 
 
 def test_pack_exact_multiple_has_no_padding_row():
