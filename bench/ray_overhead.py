@@ -84,6 +84,10 @@ def timed_steps(engine, batches: Iterator[tuple[int, list[dict[str, Any]]]], war
     import torch
     import torch.distributed as dist
 
+    from trainers import data
+
+    attention = data.attn_implementation(engine.module)
+
     def sync() -> None:
         if use_gpu:
             torch.cuda.synchronize()
@@ -101,12 +105,11 @@ def timed_steps(engine, batches: Iterator[tuple[int, list[dict[str, Any]]]], war
         _, micro = next(it)
         loss_sum = torch.zeros((), dtype=torch.float32)
         for batch in micro:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            tokens += int(batch["attention_mask"].sum())
+            loss = engine(**data.model_inputs(batch, engine.device, attention)).loss  # as trainers/sft.py
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float().cpu()
-            tokens += int(batch["attention_mask"].sum())
     sync()
     elapsed = time.perf_counter() - t0
     t_end = time.time()
@@ -124,7 +127,7 @@ def tensor_batches(cfg: dict[str, Any], npz: Path, rank: int, world: int):
     arrays = np.load(npz)
     per_rank = len(arrays["input_ids"]) // world
     local = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][rank * per_rank:(rank + 1) * per_rank]))
-             for k in ("input_ids", "labels", "attention_mask")}
+             for k in arrays.files}  # packed rows: their position and segment ids too
     mbs, gas, per_epoch = cfg["micro_batch_size"], cfg["grad_accum"], cfg["steps_per_epoch"]
     for step in range(cfg["total_steps"]):
         first = (step % per_epoch) * mbs * gas
