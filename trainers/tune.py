@@ -79,8 +79,11 @@ def capacity_concurrency(spec: AnyRun, resources: dict[str, float]) -> int:
     return max(1, int(min(fits)))
 
 
-def _event(kind: str, trial, **fields) -> None:
-    print(TRIAL_MARKER + json.dumps({"event": kind, "trial": trial.trial_id, **fields}, default=str), flush=True)
+def _event(kind: str, trial_id: str, **fields) -> dict[str, Any]:
+    """One trial event line for the launcher; returns the event."""
+    event = {"event": kind, "trial": trial_id, **fields}
+    print(TRIAL_MARKER + json.dumps(event, default=str), flush=True)
+    return event
 
 
 def _sampled(trial, paths) -> dict[str, Any]:
@@ -96,16 +99,16 @@ def _callback(spec: AnyRun, total_steps: int):
         """One line per trial event: started, reported, stopped early, finished, errored."""
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            _event("started", trial, config=_sampled(trial, paths))
+            _event("started", trial.trial_id, config=_sampled(trial, paths))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if metric in result:
-                _event("result", trial, step=result.get("step"), metric=metric, value=result[metric])
+                _event("result", trial.trial_id, step=result.get("step"), metric=metric, value=result[metric])
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             step = (trial.last_result or {}).get("step") or 0
             total = (trial.last_result or {}).get("total_steps", total_steps)
-            _event("finished" if step >= total else "stopped", trial, step=step,
+            _event("finished" if step >= total else "stopped", trial.trial_id, step=step,
                    value=(trial.last_result or {}).get(metric))
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -114,7 +117,7 @@ def _callback(spec: AnyRun, total_steps: int):
                 message = (trial.get_error() and str(trial.get_error())) or message
             except Exception:
                 pass
-            _event("errored", trial, error=message.strip().splitlines()[-1][:500] if message.strip() else "")
+            _event("errored", trial.trial_id, error=message.strip().splitlines()[-1][:500] if message.strip() else "")
 
     return TrialEvents()
 
@@ -342,9 +345,7 @@ def _await_complete(ckpt: str, timeout_s: float = 120.0) -> str | None:
 def record_exploit(trial_run: str, trial_id: str, donor_run: str, ckpt: str, values: dict[str, Any]) -> None:
     """An exploit, for the user (a trial event line) and for the results (exploits.jsonl)."""
     step = int(ckpt.rstrip("/").rsplit("_", 1)[1])
-    entry = {"event": "exploited", "trial": trial_id, "donor": os.path.basename(donor_run), "step": step,
-             "config": values}
-    print(TRIAL_MARKER + json.dumps(entry, default=str), flush=True)
+    entry = _event("exploited", trial_id, donor=os.path.basename(donor_run), step=step, config=values)
     uri = storage.join(trial_run, EXPLOITS)
     storage.write_text(uri, (storage.read_text(uri) or "") + json.dumps(entry, default=str) + "\n")
 
