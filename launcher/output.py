@@ -150,7 +150,12 @@ def describe(event: dict[str, Any]) -> str:
     if "trial" in event:
         return f"trial {event['trial']} " + describe({k: v for k, v in event.items() if k != "trial"})
     if "eval_loss" in event:
-        return f"step {event['step']}: eval loss {event['eval_loss']:.4f} (perplexity {event['eval_perplexity']:.2f})"
+        # A method's own eval metrics (a task's loss, an accuracy) after the loss.
+        extra = "".join(f"  {k.removeprefix('eval_')} {_short(v)}" for k, v in event.items()
+                        if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")
+                        and not k.endswith("_perplexity") and isinstance(v, (int, float)))
+        perplexity = f" (perplexity {event['eval_perplexity']:.2f})" if "eval_perplexity" in event else ""
+        return f"step {event['step']}: eval loss {event['eval_loss']:.4f}{perplexity}{extra}"
     return (f"step {event['step']}/{event['total_steps']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
             f"{event['tokens_per_s']:,.0f} tok/s")
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,8 @@ class TrainState:
     epoch: int
     tokens_seen: int
     metrics: list[dict[str, Any]]
+    counters: dict[str, int] = field(default_factory=dict)  # summed over the run (rows per task)
+    early_stopping: dict[str, Any] = field(default_factory=dict)  # best value, its step, evals since
 
 
 def save(engine, state: TrainState, run: str, metrics: dict[str, Any], *, keep: int, lora: bool) -> str:

@@ -10,7 +10,7 @@ carry `position_ids` and `seq_ids`, so that each example attends only to itself 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -242,6 +242,7 @@ class Prepared:
     tokens: int
     loss_tokens: int
     packing_efficiency: float
+    task_evals: dict[str, Any] = field(default_factory=dict)  # multitask: "eval_<task>" -> its eval set
 
 
 @functools.lru_cache(maxsize=4)

@@ -225,14 +225,13 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
     if gpus:
         resources["GPU"] = gpus
     fs, run_path = storage.filesystem(run)
-    datasets = {"train": prepared.train}
-    if prepared.eval is not None:
-        datasets["eval"] = prepared.eval
+    datasets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {}),
+                **prepared.task_evals}
     trainer = TorchTrainer(
         train_loop_per_worker=loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run, "total_steps": total_steps,
                            "steps_per_epoch": per_epoch, "resume_from": resume_from,
-                           "has_eval": prepared.eval is not None, "trial": trial},
+                           "datasets": sorted(datasets), "trial": trial},
         scaling_config=ScalingConfig(num_workers=spec.resources.workers, use_gpu=bool(gpus),
                                      resources_per_worker=resources, accelerator_type=spec.resources.accelerator_type),
         # Ray wants `bucket/prefix` with the filesystem, not `s3://bucket/prefix`.

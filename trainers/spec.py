@@ -153,6 +153,19 @@ class ZeroSpec(Strict):
         return self
 
 
+class EarlyStoppingSpec(Strict):
+    """Stop when an eval metric stops improving."""
+
+    metric: str = Field("eval_loss", pattern=r"^eval_")
+    """The eval metric to watch (`eval_loss`, a task's `eval_loss/<task>`, ...)."""
+    mode: Literal["min", "max"] = "min"
+    """`min`: lower is better; `max`: higher is better."""
+    patience: int = Field(3, gt=0)
+    """Evaluations in a row without improvement before the run stops."""
+    min_delta: float = Field(0.0, ge=0)
+    """An evaluation improves only by more than this."""
+
+
 class TrainSpec(Strict):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when `max_steps` is set)."""
@@ -186,6 +199,13 @@ class TrainSpec(Strict):
     """Report metrics every N optimizer steps."""
     eval_every: int | None = Field(None, gt=0)
     """Evaluate every N steps (and always at the end when there is eval data)."""
+    eval_at_start: bool = False
+    """Evaluate before the first step too: the baseline a run starts from (a transfer run's
+    parent, an untrained model)."""
+    early_stopping: EarlyStoppingSpec | None = None
+    """Stop once `early_stopping.metric` has not improved for `patience` evaluations (needs
+    eval data and `eval_every`); the run saves a checkpoint there and exports the model it
+    ended with; `result.json` and the log name the best step."""
 
 
 class ResourcesSpec(Strict):
@@ -289,6 +309,19 @@ class _RunBase(Strict):
                 raise ValueError(f"tune.scheduler pbt compares trials at every report: checkpoint.every_n_steps "
                                  f"({every}) must be a multiple of train.eval_every ({self.train.eval_every})")
         return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evals(self) -> "_RunBase":
+        if self.train.early_stopping is None:
+            return self
+        if not (self.data.eval or self.data.eval_fraction > 0 or self._has_task_evals()):
+            raise ValueError("train.early_stopping watches an eval metric: set data.eval or data.eval_fraction")
+        if not self.train.eval_every:
+            raise ValueError("train.early_stopping counts evaluations: set train.eval_every")
+        return self
+
+    def _has_task_evals(self) -> bool:
+        return False
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "_RunBase":
