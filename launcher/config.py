@@ -350,9 +350,11 @@ def _resolve_paths(data: dict[str, Any], spec_dir: Path) -> None:
                                           for k in ("model", "data", "train", "checkpoint"))
     targets = [(model, "path", next_to_spec), (train, "deepspeed", next_to_spec),
                (checkpoint, "storage", lambda v: os.path.abspath(os.path.expanduser(v)))]
-    for split in ("train", "eval"):  # anything malformed is left for validation to report
-        entries = datasets.get(split) if isinstance(datasets.get(split), list) else []
-        targets += [(ds, "path", next_to_spec) for ds in entries if isinstance(ds, dict)]
+    tasks = datasets.get("tasks") if isinstance(datasets.get("tasks"), dict) else {}
+    for section in [datasets, *(t for t in tasks.values() if isinstance(t, dict))]:  # multitask: each task's
+        for split in ("train", "eval"):  # anything malformed is left for validation to report
+            entries = section.get(split) if isinstance(section.get(split), list) else []
+            targets += [(ds, "path", next_to_spec) for ds in entries if isinstance(ds, dict)]
     if is_file_reference(datasets.get("chat_template")):  # not a built-in name or the template itself
         targets.append((datasets, "chat_template", next_to_spec))
     for section, key, fix in targets:

@@ -41,10 +41,9 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
     except DeepSpeedConfigError as e:
         field = "train.deepspeed" if isinstance(spec.train.deepspeed, ZeroSpec) else f"train.deepspeed ({e.source})"
         issues += [SpecIssue(f"{field}: {key}", msg) for key, msg in e.problems]
-    for split in ("train", "eval"):
-        for i, ds in enumerate(getattr(spec.data, split)):
-            if _looks_local(ds.path) and not os.path.exists(ds.path):
-                issues.append(SpecIssue(f"data.{split}[{i}].path", "no such file or directory", ds.path))
+    for where, ds in spec.data.datasets():
+        if _looks_local(ds.path) and not os.path.exists(ds.path):
+            issues.append(SpecIssue(f"{where}.path", "no such file or directory", ds.path))
     if _looks_local(spec.model.path) and not os.path.exists(spec.model.path):
         issues.append(SpecIssue("model.path", "no such directory", spec.model.path))
     issues += _chat_template_file_issues(spec.data.chat_template)
@@ -77,10 +76,9 @@ def _local_paths_on_remote(spec: AnyRun) -> list[SpecIssue]:
         issues.append(SpecIssue("checkpoint.storage", hint, spec.checkpoint.storage))
     if os.path.isabs(spec.model.path):
         issues.append(SpecIssue("model.path", hint, spec.model.path))
-    for split in ("train", "eval"):
-        for i, ds in enumerate(getattr(spec.data, split)):
-            if os.path.isabs(ds.path):
-                issues.append(SpecIssue(f"data.{split}[{i}].path", hint, ds.path))
+    for where, ds in spec.data.datasets():
+        if os.path.isabs(ds.path):
+            issues.append(SpecIssue(f"{where}.path", hint, ds.path))
     return issues
 
 
@@ -113,15 +111,14 @@ def check_data(spec: AnyRun, source: str, *, local_only: bool = False) -> None:
     from trainers import data_check
 
     issues = []
-    for split in ("train", "eval"):
-        for i, ds in enumerate(getattr(spec.data, split)):
-            if local_only and "://" in ds.path:
-                continue
-            try:
-                problems = data_check.peek_problems(ds)
-            except storage.StorageError:
-                continue  # unreadable from here: the job checks it where it runs
-            issues += [SpecIssue(f"data.{split}[{i}]", f"(format {ds.format}) {p}") for p in problems]
+    for where, ds in spec.data.datasets():
+        if local_only and "://" in ds.path:
+            continue
+        try:
+            problems = data_check.peek_problems(ds)
+        except storage.StorageError:
+            continue  # unreadable from here: the job checks it where it runs
+        issues += [SpecIssue(where, f"(format {ds.format}) {p}") for p in problems]
     if issues:
         raise SpecError(source, issues, hint="fix the rows, or the dataset's `format` and field options "
                                              "(`launch schema --markdown` lists them)")
@@ -139,10 +136,8 @@ def check_chat_template(spec: AnyRun, source: str, *, local_only: bool = False) 
         return
     # Offline (`launch validate`) no bucket is read: a prompt_completion file there is not
     # peeked at; messages and sharegpt are chat data whatever their rows.
-    chat = [f"data.{split}[{i}] (format {ds.format})" for split in ("train", "eval")
-            for i, ds in enumerate(getattr(spec.data, split))
-            if not (local_only and "://" in ds.path and ds.format == "prompt_completion")
-            and data_check.is_chat_data(ds)]
+    chat = data_check.chat_datasets(spec, skip=lambda ds: local_only and "://" in ds.path
+                                    and ds.format == "prompt_completion")
     if chat:
         message, hint = chat_templates.missing(spec.model.path, chat)
         path, _, text = message.partition(": ")

@@ -243,6 +243,7 @@ class Prepared:
     loss_tokens: int
     packing_efficiency: float
     task_evals: dict[str, Any] = field(default_factory=dict)  # multitask: "eval_<task>" -> its eval set
+    mixture: dict[str, dict[str, Any]] = field(default_factory=dict)  # multitask: task -> share, rows, sequences
 
 
 @functools.lru_cache(maxsize=4)
@@ -321,27 +322,36 @@ def prepare(spec: AnyRun) -> Prepared:
     # same spec sees the same batches in the same order (a search's best.yaml reproduces
     # its trial).
     DataContext.get_current().execution_options.preserve_order = True
+    if spec.method == "multitask":
+        return _prepare_mixture(spec)
     d = spec.data
-
-    def tokenized(split: str):
-        parts = [
-            read_dataset(ds).map_batches(
-                _tokenize_batch,
-                batch_format="pyarrow",
-                batch_size=1024,
-                fn_kwargs=dict(ds=ds, where=f"data.{split}[{i}]", model_path=spec.model.path,
-                               trust_remote_code=spec.model.trust_remote_code, max_len=d.max_seq_len,
-                               packing=d.packing, chat_template=d.chat_template),
-            )
-            for i, ds in enumerate(getattr(d, split))
-        ]
-        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-    train = tokenized("train").materialize()
-    evaluation = tokenized("eval").materialize() if d.eval else None
+    train = _tokenized(spec, [(f"data.train[{i}]", ds) for i, ds in enumerate(d.train)]).materialize()
+    evaluation = _tokenized(spec, [(f"data.eval[{i}]", ds) for i, ds in enumerate(d.eval)]) if d.eval else None
     if evaluation is None and d.eval_fraction > 0:
         train, evaluation = train.train_test_split(test_size=d.eval_fraction, shuffle=True, seed=spec.train.seed)
-    if d.shuffle:
+    return _finish(spec, train, evaluation.materialize() if evaluation is not None else None)
+
+
+def _tokenized(spec: AnyRun, datasets: list[tuple[str, DatasetSpec]]):
+    """One Ray Dataset of the packed rows of `datasets` ((YAML path, dataset) pairs)."""
+    d = spec.data
+    parts = [
+        read_dataset(ds).map_batches(
+            _tokenize_batch,
+            batch_format="pyarrow",
+            batch_size=1024,
+            fn_kwargs=dict(ds=ds, where=where, model_path=spec.model.path,
+                           trust_remote_code=spec.model.trust_remote_code, max_len=d.max_seq_len,
+                           packing=d.packing, chat_template=d.chat_template),
+        )
+        for where, ds in datasets
+    ]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _finish(spec: AnyRun, train, evaluation, **extra) -> Prepared:
+    """Shuffle (seeded), materialize and count the training rows."""
+    if spec.data.shuffle:
         train = train.random_shuffle(seed=spec.train.seed)
     train = train.materialize()
     rows = train.count()
@@ -351,13 +361,76 @@ def prepare(spec: AnyRun) -> Prepared:
     tokens, loss_tokens = int(stats["sum(tokens)"]), int(stats["sum(loss_tokens)"])
     return Prepared(
         train=train,
-        eval=evaluation.materialize() if evaluation is not None else None,
+        eval=evaluation,
         rows=rows,
-        eval_rows=evaluation.count() if evaluation is not None else 0,
+        eval_rows=sum(ds.count() for ds in [evaluation, *extra.get("task_evals", {}).values()] if ds is not None),
         tokens=tokens,
         loss_tokens=loss_tokens,
-        packing_efficiency=tokens / (rows * d.max_seq_len),
+        packing_efficiency=tokens / (rows * spec.data.max_seq_len),
+        **extra,
     )
+
+
+# ---------------------------------------------------------------- multi-task mixtures
+
+def mixture_shares(sizes: dict[str, int], weights: dict[str, float], mixing: str,
+                   temperature: float) -> dict[str, float]:
+    """Each task's share of the mixture: weight_i / sum(weights) (`weights`), or
+    n_i^(1/T) / sum_j n_j^(1/T) over the tasks' sequence counts (`temperature`)."""
+    raw = weights if mixing == "weights" else {k: n ** (1.0 / temperature) for k, n in sizes.items()}
+    total = sum(raw.values())
+    return {k: raw[k] / total for k in sizes}
+
+
+def mixture_rows(shares: dict[str, float], total: int) -> dict[str, int]:
+    """`total` rows split by `shares`, rounded so that they add up to `total` (largest
+    remainders first), and at least one row per task."""
+    exact = {k: p * total for k, p in shares.items()}
+    rows = {k: max(1, int(x)) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - int(exact[k]), reverse=True)[: max(0, total - sum(rows.values()))]:
+        rows[k] += 1
+    return rows
+
+
+def _sample(ds, have: int, want: int, seed: int):
+    """`want` rows of a dataset of `have`: whole passes over it, then a seeded sample."""
+    passes, rest = divmod(want, have)
+    parts = [ds] * passes + ([ds.random_shuffle(seed=seed).limit(rest)] if rest else [])
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _with_task(batch: dict[str, np.ndarray], *, task_id: int) -> dict[str, np.ndarray]:
+    return {**batch, "task_id": np.full(len(batch["input_ids"]), task_id, dtype=np.int32)}
+
+
+def _prepare_mixture(spec) -> Prepared:
+    """Each task packed on its own (no sequence mixes two tasks) and tagged with its
+    `task_id`; the training mixture holds each task's share of rows; each task's eval set
+    is a dataset of its own (`eval_<task>`), for its own eval loss."""
+    d, seed = spec.data, spec.train.seed
+    names = list(d.tasks)
+    trains, evals = {}, {}
+    for task_id, (name, task) in enumerate(d.tasks.items()):
+        train = _tokenized(spec, [(f"data.tasks.{name}.train[{i}]", ds) for i, ds in enumerate(task.train)])
+        train = train.map_batches(_with_task, batch_format="numpy", fn_kwargs={"task_id": task_id}).materialize()
+        evaluation = None
+        if task.eval:
+            evaluation = _tokenized(spec, [(f"data.tasks.{name}.eval[{i}]", ds) for i, ds in enumerate(task.eval)])
+        elif task.eval_fraction > 0:
+            train, evaluation = train.train_test_split(test_size=task.eval_fraction, shuffle=True, seed=seed)
+        trains[name] = train.materialize()
+        if evaluation is not None:
+            evals[f"eval_{name}"] = evaluation.materialize()
+    sizes = {name: ds.count() for name, ds in trains.items()}
+    empty = [name for name, n in sizes.items() if n == 0]
+    if empty:
+        raise ValueError(f"data.tasks.{empty[0]}: no training sequences after tokenization (are the files empty?)")
+    shares = mixture_shares(sizes, {k: t.weight for k, t in d.tasks.items()}, d.mixing, d.temperature)
+    rows = mixture_rows(shares, d.mixture_rows or sum(sizes.values()))
+    mixture = [_sample(trains[name], sizes[name], rows[name], seed + i) for i, name in enumerate(names)]
+    return _finish(spec, mixture[0].union(*mixture[1:]), None, task_evals=evals,
+                   mixture={name: {"share": shares[name], "rows": rows[name], "sequences": sizes[name]}
+                            for name in names})
 
 
 def _count_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

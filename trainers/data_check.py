@@ -313,6 +313,13 @@ def is_chat_data(ds: DatasetSpec) -> bool | None:
     return None if first is None else is_conversational(first, ds)
 
 
+def chat_datasets(spec, skip=lambda ds: False) -> list[str]:
+    """`<YAML path> (format F)` of the spec's datasets that are chat data (rendered with a
+    chat template); one whose rows cannot be read from here is left out."""
+    return [f"{where} (format {ds.format})" for where, ds in spec.data.datasets()
+            if not skip(ds) and is_chat_data(ds)]
+
+
 def scan(ds: DatasetSpec, check) -> str | None:
     """`<file> line N: <problem>` for the first bad row over all of a dataset's files: the
     failure path of a tokenization task, which knows the row but not where it came from."""

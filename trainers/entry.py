@@ -79,6 +79,10 @@ def prepare_run(spec: AnyRun, label: str = "") -> tuple[data.Prepared, int, int]
     print(f"data{label}: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} "
           f"eval; packing efficiency {prepared.packing_efficiency:.1%} (non-pad tokens), "
           f"{prepared.loss_tokens:,} loss tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+    if prepared.mixture:
+        print(f"mixture{label} ({spec.data.mixing}): " + ", ".join(
+            f"{name} {m['rows']} sequences ({m['share']:.1%}; {m['rows'] / m['sequences']:.2f} passes over its "
+            f"{m['sequences']})" for name, m in prepared.mixture.items()), flush=True)
     per_epoch = data.steps_per_epoch(prepared.rows, spec.resources.workers,
                                      spec.train.micro_batch_size, spec.grad_accum_steps)
     if per_epoch == 0:
@@ -103,12 +107,11 @@ def check_data(spec: AnyRun) -> None:
     """The first rows of every dataset fit their format: the launcher checks what it can
     read; this catches datasets only the cluster can read, before anything is started."""
     problems = []
-    for split in ("train", "eval"):
-        for i, ds in enumerate(getattr(spec.data, split)):
-            try:
-                problems += [f"data.{split}[{i}] (format {ds.format}): {p}" for p in data_check.peek_problems(ds)]
-            except storage.StorageError as e:
-                raise JobUserError(f"data.{split}[{i}].path: {e}", hint=e.hint) from None
+    for where, ds in spec.data.datasets():
+        try:
+            problems += [f"{where} (format {ds.format}): {p}" for p in data_check.peek_problems(ds)]
+        except storage.StorageError as e:
+            raise JobUserError(f"{where}.path: {e}", hint=e.hint) from None
     if problems:
         raise JobUserError("; ".join(problems), hint="fix the rows, or the dataset's `format` and field options")
     check_chat_template(spec)
@@ -125,8 +128,7 @@ def check_chat_template(spec: AnyRun) -> None:
         except chat_templates.TemplateError as e:
             raise JobUserError(str(e), hint="the launcher sends a jinja file's text: name a file it can read") from None
         return
-    chat = [f"data.{split}[{i}] (format {ds.format})" for split in ("train", "eval")
-            for i, ds in enumerate(getattr(spec.data, split)) if data_check.is_chat_data(ds)]
+    chat = data_check.chat_datasets(spec)
     if not chat:
         return
     has = chat_templates.model_dir_has_template(spec.model.path)
@@ -170,14 +172,13 @@ def prepare_data(spec: AnyRun) -> data.Prepared:
 
 def _scan_all(spec: AnyRun) -> list[str]:
     found = []
-    for split in ("train", "eval"):
-        for i, ds in enumerate(getattr(spec.data, split)):
-            try:
-                problem = data_check.scan(ds, lambda row: data_check.row_problem(row, ds))
-            except storage.StorageError:
-                problem = None
-            if problem:
-                found.append(f"data.{split}[{i}] (format {ds.format}): {problem}")
+    for where, ds in spec.data.datasets():
+        try:
+            problem = data_check.scan(ds, lambda row: data_check.row_problem(row, ds))
+        except storage.StorageError:
+            problem = None
+        if problem:
+            found.append(f"{where} (format {ds.format}): {problem}")
     return found
 
 
@@ -231,7 +232,8 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
         train_loop_per_worker=loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run, "total_steps": total_steps,
                            "steps_per_epoch": per_epoch, "resume_from": resume_from,
-                           "datasets": sorted(datasets), "trial": trial},
+                           "datasets": sorted(datasets), "trial": trial,
+                           "tasks": {name: m["share"] for name, m in prepared.mixture.items()}},
         scaling_config=ScalingConfig(num_workers=spec.resources.workers, use_gpu=bool(gpus),
                                      resources_per_worker=resources, accelerator_type=spec.resources.accelerator_type),
         # Ray wants `bucket/prefix` with the filesystem, not `s3://bucket/prefix`.

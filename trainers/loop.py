@@ -123,7 +123,9 @@ def train(s: Session, step_fn: Callable[[Session, list[dict]], StepOut],
     t = spec.train
     s.engine.train()
     if t.eval_at_start and state.step == 0:
-        _evaluate(s, validate_fn)
+        start = _evaluate(s, validate_fn)
+        if start is not None:
+            _early_stop(s, start)  # the baseline the first evaluations must beat
     window = _Window()
     for step, micro in data.micro_batches(s.shard("train"), micro_batch_size=t.micro_batch_size,
                                           grad_accum=spec.grad_accum_steps, start_step=state.step,

@@ -135,6 +135,62 @@ class DataSpec(Strict):
     `llama3`), a jinja file (relative to the spec), or the template text itself. Required
     when the tokenizer has none. The exported model's tokenizer carries it."""
 
+    def datasets(self) -> list[tuple[str, DatasetSpec]]:
+        """(YAML path, dataset) of every dataset the run reads."""
+        return [(f"data.{split}[{i}]", ds) for split in ("train", "eval") for i, ds in enumerate(getattr(self, split))]
+
+
+class TaskSpec(Strict):
+    """One task of a multi-task run: its data, its share of the mixture, its own eval set."""
+
+    train: list[DatasetSpec] = Field(min_length=1)
+    """The task's training datasets (any format); rows of all of them are concatenated."""
+    eval: list[DatasetSpec] = []
+    """The task's held-out datasets; see also `eval_fraction`."""
+    eval_fraction: float = Field(0.0, ge=0, lt=0.5)
+    """Fraction of the task's training rows held out for its evaluation when `eval` is empty."""
+    weight: float = Field(1.0, gt=0)
+    """The task's share of the mixture (`mixing: weights`; normalised over the tasks)."""
+
+
+class MultitaskDataSpec(DataSpec):
+    train: list[DatasetSpec] = []
+    """Unused by multitask: each task lists its own under `tasks`."""
+    tasks: dict[str, TaskSpec] = Field(min_length=2)
+    """The tasks by name (lowercase letters, digits, `-` and `_`); each packs on its own, so
+    no training sequence mixes two tasks."""
+    mixing: Literal["weights", "temperature"] = "weights"
+    """How much of each task the mixture holds: `weights` in proportion to the tasks'
+    `weight`; `temperature`, p_i proportional to n_i^(1/T) over the tasks' sequence counts
+    n_i (T=1: as the data is; larger T flattens toward equal shares)."""
+    temperature: float = Field(1.0, gt=0)
+    """T of `mixing: temperature`."""
+    mixture_rows: int | None = Field(None, gt=0)
+    """Training sequences in one epoch of the mixture. Default: all the tasks' sequences
+    together; a task whose share is more than its data is repeated, one with less is sampled."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, v: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,40}", name):
+                raise ValueError(f"task name {name!r}: use lowercase letters, digits, '-' and '_' (metric names carry it)")
+        return v
+
+    @model_validator(mode="after")
+    def _no_top_level_datasets(self) -> "MultitaskDataSpec":
+        if self.train or self.eval or self.eval_fraction:
+            raise ValueError("multitask reads each task's datasets: move data.train / data.eval / data.eval_fraction "
+                             "under data.tasks.<name>")
+        return self
+
+    def datasets(self) -> list[tuple[str, DatasetSpec]]:
+        return [(f"data.tasks.{name}.{split}[{i}]", ds) for name, task in self.tasks.items()
+                for split in ("train", "eval") for i, ds in enumerate(getattr(task, split))]
+
+    def has_eval(self) -> bool:
+        return any(t.eval or t.eval_fraction > 0 for t in self.tasks.values())
+
 
 class ZeroSpec(Strict):
     """DeepSpeed shorthand: a ZeRO stage and CPU offload."""
@@ -292,7 +348,7 @@ class _RunBase(Strict):
         if sampled:
             raise ValueError(f"tune.search_space: search data fields ({', '.join(sampled)}) with choice or grid: "
                              "the data is prepared once per value, before the trials start")
-        if t.metric.startswith("eval_") and not (self.data.eval or self.data.eval_fraction > 0):
+        if t.metric.startswith("eval_") and not self._has_eval():
             raise ValueError(f"tune.metric {t.metric} needs eval data: set data.eval or data.eval_fraction")
         if t.scheduler.type == "asha" and t.metric.startswith("eval_") and not self.train.eval_every:
             raise ValueError("tune.scheduler asha compares trials at every evaluation: set train.eval_every")
@@ -314,14 +370,14 @@ class _RunBase(Strict):
     def _early_stopping_needs_evals(self) -> "_RunBase":
         if self.train.early_stopping is None:
             return self
-        if not (self.data.eval or self.data.eval_fraction > 0 or self._has_task_evals()):
+        if not self._has_eval():
             raise ValueError("train.early_stopping watches an eval metric: set data.eval or data.eval_fraction")
         if not self.train.eval_every:
             raise ValueError("train.early_stopping counts evaluations: set train.eval_every")
         return self
 
-    def _has_task_evals(self) -> bool:
-        return False
+    def _has_eval(self) -> bool:
+        return bool(self.data.eval) or self.data.eval_fraction > 0
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "_RunBase":
@@ -348,6 +404,19 @@ class SftRun(_RunBase):
     """Training method."""
 
 
+class MultitaskRun(_RunBase):
+    """Multi-task fine-tuning: several tasks' data mixed by weight or temperature, trained
+    with one causal LM loss, each task evaluated on its own eval set."""
+
+    method: Literal["multitask"]
+    """Training method."""
+    data: MultitaskDataSpec
+    """The tasks (`data.tasks`), how they are mixed, and how rows become sequences."""
+
+    def _has_eval(self) -> bool:
+        return self.data.has_eval()
+
+
 class PretrainRun(_RunBase):
     """Continued pre-training (domain adaptation): causal LM loss on every token of raw text."""
 
@@ -364,9 +433,9 @@ class PretrainRun(_RunBase):
         return self
 
 
-AnyRun = Union[SftRun, PretrainRun]
+AnyRun = Union[SftRun, PretrainRun, MultitaskRun]
 RunSpec = Annotated[AnyRun, Field(discriminator="method")]
-METHODS = ("sft", "pretrain")
+METHODS = ("sft", "pretrain", "multitask")
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(RunSpec)
 

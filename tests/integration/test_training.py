@@ -146,6 +146,24 @@ def test_each_chat_format_example_trains_end_to_end(launch, tmp_path, example):
     assert_generates(download(storage.join(run_dir(proc), "model"), tmp_path / "model"))
 
 
+def test_early_stopping_ends_the_run_with_a_checkpoint_and_a_model(launch, tmp_path):
+    """Patience 1 and a min_delta no loss can beat: the evaluation at step 2 does not
+    improve on the one before training, so the run stops there, saves, and exports."""
+    proc = launch(QUICKSTART, f"checkpoint.storage={tmp_path / 'runs'}", "train.eval_every=2",
+                  "train.eval_at_start=true", "train.early_stopping={patience: 1, min_delta: 100}")
+    assert_ok(proc)
+    log = output(proc)
+    assert "early stopping at step 2: eval_loss has not improved on" in log and "(step 0) for 1 evaluations" in log
+    run = run_dir(proc)
+    rows = [json.loads(line) for line in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    assert [m["step"] for m in rows if "eval_loss" in m] == [0, 2]
+    assert [m["step"] for m in rows if "loss" in m] == [1, 2]
+    assert [c.rsplit("/", 1)[-1] for c in checkpoint.complete_checkpoints(run)] == [checkpoint.step_dir_name(2)]
+    result = json.loads(storage.read_text(storage.join(run, checkpoint.RESULT)))
+    assert result["status"] == "completed" and result["metrics"]["stopped_early"] is True
+    assert storage.exists(storage.join(run, "model", "config.json"))
+
+
 def test_pretrain_on_local_storage_with_eval(launch, tmp_path):
     storage_dir = tmp_path / "runs"
     proc = launch("configs/examples/pretrain.yaml", f"checkpoint.storage={storage_dir}", "train.max_steps=10")
