@@ -222,6 +222,62 @@ class EarlyStoppingSpec(Strict):
     """An evaluation improves only by more than this."""
 
 
+class FewshotSpec(Strict):
+    """Few-shot accuracy on held-out questions, before training and after: what the fine-tune
+    bought over k-shot prompting (trainers.fewshot)."""
+
+    path: str = Field(min_length=1)
+    """Held-out questions: a `.jsonl`/`.json`/`.parquet` file or a directory of them, local or
+    `s3://`. Each row has the question and its answer (and the choices, mode `choice`)."""
+    pool: str | None = Field(None, min_length=1)
+    """Where the k shots are drawn from (same formats and fields). Default: the other rows of
+    `path`; a row is never a shot in its own prompt."""
+    k: int = Field(3, ge=0)
+    """Solved examples written before each question (0: zero-shot)."""
+    mode: Literal["generate", "choice"] = "generate"
+    """`generate`: greedy generation; correct when its first line, stripped, equals the
+    answer (stripped). `choice`: multiple choice; the row's `choices_field` lists the choices
+    and its answer is the index of the right one or its text; the model picks the choice whose
+    tokens have the highest log-likelihood after the prompt (see `normalize`)."""
+    normalize: bool = False
+    """Mode `choice`: compare the mean log-probability per choice token instead of the sum,
+    so that long choices are not penalised for their length."""
+    question_field: str = "question"
+    """Column holding the question (a string)."""
+    answer_field: str = "answer"
+    """Column holding the answer: a string (or a number), or for mode `choice` the index of
+    the right choice or its text."""
+    choices_field: str = "choices"
+    """Column holding the list of choices (mode `choice`)."""
+    template: str = "Question: {question}\nAnswer:"
+    """How one question is written: `{question}` is the row's `question_field`, any other
+    `{name}` the row's field of that name. A shot is the template followed by a space (none
+    when the template ends in whitespace) and its answer; so is a choice being scored."""
+    separator: str = "\n\n"
+    """Written between the shots, and between the last shot and the question."""
+    max_new_tokens: int = Field(16, gt=0)
+    """Mode `generate`: tokens generated per question at most."""
+    max_rows: int | None = Field(None, gt=0)
+    """Score only the first N rows of `path` (default: all of them)."""
+    batch_size: int = Field(8, gt=0)
+    """Questions per forward pass on each worker."""
+    seed: int = 0
+    """Seed for drawing the shots; each question draws its own from it and its row number, so
+    a prompt does not depend on the number of workers."""
+
+    @field_validator("template")
+    @classmethod
+    def _template_names_question(cls, v: str) -> str:
+        import string
+
+        names = [name for _, name, _, _ in string.Formatter().parse(v) if name is not None]
+        if any(not name or name.isdigit() for name in names):
+            raise ValueError("use named fields, e.g. {question}, not {} or {0}")
+        if "question" not in names:
+            raise ValueError("must contain {question}")
+        return v
+
+
 class TrainSpec(Strict):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when `max_steps` is set)."""
