@@ -71,6 +71,11 @@ def run(
     warning = preflight.check_storage(spec, remote=kube)
     if warning:
         _say(f"warning: {warning}")
+    parent, warning = preflight.check_init_from(spec, str(spec_file), remote=kube)
+    if warning:
+        _say(f"warning: {warning}")
+    if parent is not None:
+        _say(f"model.init_from {spec.model.init_from}: starting from {parent.model} (step {parent.step})")
     prov = provider(definition.kind)
     if kube:
         from cluster.kubernetes import capacity

@@ -339,7 +339,8 @@ def _resolve_paths(data: dict[str, Any], spec_dir: Path) -> None:
     """Make local paths absolute: the job runs in another working directory (or machine).
 
     Dataset, model and DeepSpeed paths are relative to the spec, and a value that does not
-    exist there is left alone (it may be a hub id); storage is relative to the current directory.
+    exist there is left alone (it may be a hub id); storage, and a run directory in
+    `model.init_from`, are relative to the current directory.
     """
 
     def next_to_spec(value: str) -> str:
@@ -349,7 +350,9 @@ def _resolve_paths(data: dict[str, Any], spec_dir: Path) -> None:
     model, datasets, train, checkpoint = (data.get(k) if isinstance(data.get(k), dict) else {}
                                           for k in ("model", "data", "train", "checkpoint"))
     targets = [(model, "path", next_to_spec), (train, "deepspeed", next_to_spec),
-               (checkpoint, "storage", lambda v: os.path.abspath(os.path.expanduser(v)))]
+               (checkpoint, "storage", lambda v: os.path.abspath(os.path.expanduser(v))),
+               # a run's directory, like the storage it lies in (a bare name is a run name)
+               (model, "init_from", lambda v: os.path.abspath(os.path.expanduser(v)) if "/" in v else v)]
     tasks = datasets.get("tasks") if isinstance(datasets.get("tasks"), dict) else {}
     for section in [datasets, *(t for t in tasks.values() if isinstance(t, dict))]:  # multitask: each task's
         for split in ("train", "eval"):  # anything malformed is left for validation to report

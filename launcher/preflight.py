@@ -76,6 +76,8 @@ def _local_paths_on_remote(spec: AnyRun) -> list[SpecIssue]:
         issues.append(SpecIssue("checkpoint.storage", hint, spec.checkpoint.storage))
     if os.path.isabs(spec.model.path):
         issues.append(SpecIssue("model.path", hint, spec.model.path))
+    if spec.model.init_from is not None and os.path.isabs(spec.model.init_from):
+        issues.append(SpecIssue("model.init_from", hint, spec.model.init_from))
     for where, ds in spec.data.datasets():
         if os.path.isabs(ds.path):
             issues.append(SpecIssue(f"{where}.path", hint, ds.path))
@@ -132,6 +134,8 @@ def check_chat_template(spec: AnyRun, source: str, *, local_only: bool = False) 
 
     if spec.data.chat_template is not None:
         return
+    if spec.model.init_from is not None:
+        return  # the parent's tokenizer renders the chat: the job checks it, once it is resolved
     if chat_templates.model_dir_has_template(spec.model.path) is not False:
         return
     # Offline (`launch validate`) no bucket is read: a prompt_completion file there is not
@@ -170,6 +174,29 @@ def check_storage(spec: AnyRun, *, remote: bool = False) -> str | None:
             return f"{message} (from this machine; the cluster's pods use its storage Secret)"
         raise StorageError(message, hint=getattr(e, "hint", None)) from None
     return None
+
+
+def check_init_from(spec: AnyRun, source: str, *, remote: bool = False):
+    """`model.init_from` names a finished run with an exported model: a missing parent is
+    exit 2 here, not once the cluster is up. Returns (the parent, a warning): a remote
+    cluster's pods read the storage with its own Secret, so there a storage this machine
+    cannot read is only a warning (the job resolves it where it runs), as for
+    `check_storage`. (None, None) without `init_from`."""
+    if spec.model.init_from is None:
+        return None, None
+    from trainers import lineage
+    from trainers.user_errors import JobUserError
+
+    try:
+        return lineage.resolve(spec), None
+    except JobUserError as e:
+        raise SpecError(source, [SpecIssue(lineage.FIELD, e.message.removeprefix(f"{lineage.FIELD}: "))],
+                        hint=e.hint) from None
+    except storage.StorageError as e:
+        message = f"{lineage.FIELD}: {getattr(e, 'message', e)}"
+        if remote:
+            return None, f"{message} (from this machine; the job resolves it with the cluster's storage Secret)"
+        raise StorageError(message, hint=getattr(e, "hint", None)) from None
 
 
 def check_resources(spec: AnyRun, status: ClusterStatus) -> None:

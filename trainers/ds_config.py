@@ -160,6 +160,11 @@ def _resolve(cfg, spec, use_gpu, total_steps, hidden_size, problems) -> None:
                 where = "CPU workers train in float32 (DeepSpeed's bf16/fp16 need GPUs)" if not use_gpu else \
                     f"model.dtype resolves to {dtype}"
                 problems.append((key, f"is true but {where}; set it to \"auto\" (it follows model.dtype)"))
+    if t.param_groups and "scheduler" in cfg:
+        # WarmupLR & co. write one rate (warmup_max_lr) into every group.
+        problems.append(("scheduler", "DeepSpeed's schedulers give every parameter group the same learning rate, "
+                                      "which would undo train.param_groups' lr_scale; remove the block (the spec's "
+                                      "lr_schedule then runs each group at its scale)"))
     if _has(cfg, "zero_optimization.offload_param") and _get(cfg, "zero_optimization.stage") != 3:
         problems.append(("zero_optimization.offload_param", "parameter offload needs ZeRO stage 3"))
     if _get(cfg, "zero_optimization.stage") == 3:

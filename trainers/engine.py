@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import warnings
-from typing import Any
+from typing import Any, Iterable, Sequence
 
-from trainers.spec import AnyRun
+from trainers.spec import AnyRun, ParamGroupSpec
 
 
 def quiet_workers() -> None:
@@ -41,8 +42,12 @@ def build_engine(model, spec: AnyRun, ds_config: dict[str, Any], total_steps: in
     import deepspeed
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
     t = spec.train
+    # Param groups (train.param_groups), each at lr x its scale: for our AdamW and for the
+    # optimizer DeepSpeed builds from the JSON alike (it passes `model_parameters` through).
+    params = param_groups(model.named_parameters(), t.param_groups, t.lr)
+    if t.param_groups:
+        _report_groups(params, t.param_groups)
     optimizer = None
     if "optimizer" not in ds_config:
         offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
@@ -66,6 +71,43 @@ def build_engine(model, spec: AnyRun, ds_config: dict[str, Any], total_steps: in
     return engine
 
 
+def param_groups(named_parameters: Iterable[tuple[str, Any]], groups: Sequence[ParamGroupSpec],
+                 lr: float) -> list[dict[str, Any]]:
+    """Optimizer param groups of the trainable parameters: each joins the first of `groups`
+    whose pattern its name matches (`re.search`, as `model.freeze`), the rest form a group at
+    scale 1, listed first (the `lr` the progress line reports). Each group carries its `lr`
+    (`lr` x scale), `lr_scale` and `pattern` (None for the rest): the keys travel in the
+    optimizer's state, so a restore keeps them (`apply_spec_hyperparameters`). Groups with
+    no parameter are left out (DeepSpeed's ZeRO flattens every group it is given)."""
+    compiled = [re.compile(g.pattern) for g in groups]
+    members: list[list[Any]] = [[] for _ in range(len(groups) + 1)]  # [0]: matched no pattern
+    for name, param in named_parameters:
+        if param.requires_grad:
+            members[next((i + 1 for i, rx in enumerate(compiled) if rx.search(name)), 0)].append(param)
+    out = []
+    for i, params in enumerate(members):
+        scale, pattern = (1.0, None) if i == 0 else (groups[i - 1].lr_scale, groups[i - 1].pattern)
+        if params:
+            out.append({"params": params, "lr": lr * scale, "lr_scale": scale, "pattern": pattern})
+    return out
+
+
+def _report_groups(built: list[dict[str, Any]], groups: Sequence[ParamGroupSpec]) -> None:
+    """Rank 0 says what each group holds, and which patterns matched no trainable parameter."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    sizes = [f"{g['pattern'] or 'the rest'} x{g['lr_scale']:g}: "
+             f"{sum(getattr(p, 'ds_numel', p.numel()) for p in g['params']):,} parameters" for g in built]
+    print("param groups: " + "; ".join(sizes), flush=True)
+    used = {g["pattern"] for g in built}
+    for i, g in enumerate(groups):
+        if g.pattern not in used:
+            print(f"warning: train.param_groups[{i}] ({g.pattern!r}) matches no trainable parameter "
+                  "(frozen ones belong to no group; an earlier pattern wins)", flush=True)
+
+
 def spec_schedule(optimizer, *, spec: AnyRun, total_steps: int):
     """The spec's `lr_schedule` after `warmup_ratio` of the steps, on `optimizer`."""
     from transformers import get_scheduler
@@ -86,14 +128,17 @@ def apply_spec_hyperparameters(engine, spec: AnyRun) -> None:
     training moved to a new learning rate would otherwise go on at the donor's."""
     t = spec.train
     optimizer, scheduler = engine.optimizer, engine.lr_scheduler
+    scales = {g.pattern: g.lr_scale for g in reversed(t.param_groups)}  # the first of equal patterns wins
     for group in optimizer.param_groups:
         group["weight_decay"] = t.weight_decay
         if "betas" in group:
             group["betas"] = tuple(t.betas)
+        # A group keeps its parameters (the checkpoint's layout); the spec says its scale.
+        group["lr_scale"] = scales.get(group.get("pattern"), group.get("lr_scale", 1.0))
     lambdas = getattr(scheduler, "lr_lambdas", None)  # the spec's schedule (a LambdaLR)
     if lambdas is not None:
-        scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
-        for group, factor in zip(optimizer.param_groups, lambdas):
-            group["initial_lr"] = t.lr
-            group["lr"] = t.lr * factor(scheduler.last_epoch)
+        scheduler.base_lrs = [t.lr * group["lr_scale"] for group in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -16,7 +16,7 @@ import time
 
 import yaml
 
-from trainers import checkpoint, data, data_check, secrets_env, storage, user_errors
+from trainers import checkpoint, data, data_check, lineage, secrets_env, storage, user_errors
 from trainers.spec import AnyRun, parse_spec
 from trainers.user_errors import JobUserError
 
@@ -41,6 +41,8 @@ def run_job() -> int:
     run_id = os.environ[RUN_ID_ENV]
     if not spec.checkpoint.storage:
         raise JobUserError("checkpoint.storage is empty", hint="submit runs with `launch`, which fills the default")
+    # model.init_from: train from the parent's exported model (and tokenizer); spec.yaml records it.
+    spec, origin = lineage.apply(spec)
     check_data(spec)
     run = checkpoint.run_uri(spec.checkpoint.storage, spec.name, run_id)
     if spec.tune is not None and spec.checkpoint.resume == "auto":
@@ -48,7 +50,8 @@ def run_job() -> int:
         run = checkpoint.find_unfinished_search(spec.checkpoint.storage, spec.name) or run
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
     print(f"run {spec.name}/{run_id} -> {run}", flush=True)
-    storage.write_text(storage.join(run, "spec.yaml"), yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    record = spec.model_dump(mode="json") | ({"lineage": origin} if origin else {})
+    storage.write_text(storage.join(run, "spec.yaml"), yaml.safe_dump(record, sort_keys=False))
 
     resume_from = pick_resume(spec) if spec.tune is None else None  # trials resume from their own
     if spec.tune is not None:

@@ -48,6 +48,16 @@ class ModelSpec(Strict):
     """Regular expressions of parameter names to keep frozen (e.g. `embed_tokens`)."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the model."""
+    init_from: str | None = None
+    """Start from an earlier run's exported model (transfer learning): its weights and its
+    tokenizer (with the chat template it was trained with). A run name (in this
+    `checkpoint.storage`: its newest finished run), or a run's directory
+    (`s3://.../<name>/<run-id>` or a local path) of a finished run. A LoRA parent's `model/`
+    is already base plus merged adapter. A checkpoint (`.../checkpoints/step_N`) is refused:
+    it holds DeepSpeed's training state, not a Hugging Face model; continue it with
+    `checkpoint.resume`, or start from its finished run. `path` stays the base the lineage
+    began with; the run's `spec.yaml` names the parent's model instead and records the
+    parent under `lineage`."""
 
     @field_validator("freeze")
     @classmethod
@@ -57,6 +67,14 @@ class ModelSpec(Strict):
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"{pattern!r} is not a valid regular expression: {e}") from None
+        return v
+
+    @field_validator("init_from")
+    @classmethod
+    def _run_reference(cls, v: str | None) -> str | None:
+        if v is not None and "/" not in v and not NAME_RE.match(v):
+            raise ValueError("use a run name (lowercase letters, digits and '-'), a run URI "
+                             "(s3://bucket/prefix/<name>/<run-id>) or a run directory")
         return v
 
 
@@ -278,6 +296,21 @@ class FewshotSpec(Strict):
         return v
 
 
+class ParamGroupSpec(Strict):
+    """Parameters whose names match `pattern` train at `train.lr` x `lr_scale`."""
+
+    pattern: str = Field(min_length=1)
+    """Regular expression searched in parameter names, as in `model.freeze` (e.g. `layers\\.[0-3]\\.`)."""
+    lr_scale: float = Field(ge=0)
+    """Multiplies the learning rate of these parameters all through the schedule; 0 keeps
+    them where they are."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, v: str) -> str:
+        return ModelSpec._patterns_compile([v])[0]
+
+
 class TrainSpec(Strict):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when `max_steps` is set)."""
@@ -311,9 +344,16 @@ class TrainSpec(Strict):
     """Report metrics every N optimizer steps."""
     eval_every: int | None = Field(None, gt=0)
     """Evaluate every N steps (and always at the end when there is eval data)."""
+    param_groups: list[ParamGroupSpec] = []
+    """Learning rates by parameter name (discriminative fine-tuning): a trainable parameter
+    joins the first group whose `pattern` its name matches and trains at `lr` x the group's
+    `lr_scale`; one that matches none trains at `lr`. With `model.peft` the names are the
+    adapter's (`...q_proj.lora_A.default.weight`); frozen parameters belong to no group.
+    Scale 0: the parameters do not move (AdamW's weight decay is scaled by the learning rate
+    too). Needs the spec's schedule: a DeepSpeed JSON with a `scheduler` block is refused."""
     eval_at_start: bool = False
-    """Evaluate before the first step too: the baseline a run starts from (a transfer run's
-    parent, an untrained model)."""
+    """Evaluate before the first step (a transfer run's starting point, a baseline); not
+    again when a run resumes. Needs eval data."""
     early_stopping: EarlyStoppingSpec | None = None
     """Stop once `early_stopping.metric` has not improved for `patience` evaluations (needs
     eval data and `eval_every`); the run saves a checkpoint there and exports the model it
@@ -445,6 +485,8 @@ class _RunBase(Strict):
             )
         if self.model.peft is not None and self.model.freeze:
             raise ValueError("model.freeze has no effect with model.peft (the base model is frozen already)")
+        if self.train.eval_at_start and not self._has_eval():
+            raise ValueError("train.eval_at_start needs eval data: set data.eval or data.eval_fraction")
         return self
 
     @property
