@@ -353,6 +353,9 @@ def _resolve_paths(data: dict[str, Any], spec_dir: Path) -> None:
                (checkpoint, "storage", lambda v: os.path.abspath(os.path.expanduser(v))),
                # a run's directory, like the storage it lies in (a bare name is a run name)
                (model, "init_from", lambda v: os.path.abspath(os.path.expanduser(v)) if "/" in v else v)]
+    evals = data.get("eval") if isinstance(data.get("eval"), dict) else {}
+    fewshot = evals.get("fewshot") if isinstance(evals.get("fewshot"), dict) else {}
+    targets += [(fewshot, "path", next_to_spec), (fewshot, "pool", next_to_spec)]
     tasks = datasets.get("tasks") if isinstance(datasets.get("tasks"), dict) else {}
     for section in [datasets, *(t for t in tasks.values() if isinstance(t, dict))]:  # multitask: each task's
         for split in ("train", "eval"):  # anything malformed is left for validation to report

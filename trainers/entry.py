@@ -118,6 +118,10 @@ def check_data(spec: AnyRun) -> None:
     if problems:
         raise JobUserError("; ".join(problems), hint="fix the rows, or the dataset's `format` and field options")
     check_chat_template(spec)
+    if spec.eval.fewshot is not None:  # read here, on the driver: its errors are one line, not a worker's traceback
+        from trainers import fewshot
+
+        fewshot.load(spec.eval.fewshot)
 
 
 def check_chat_template(spec: AnyRun) -> None:

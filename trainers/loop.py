@@ -126,6 +126,7 @@ def train(s: Session, step_fn: Callable[[Session, list[dict]], StepOut],
         start = _evaluate(s, validate_fn)
         if start is not None:
             _early_stop(s, start)  # the baseline the first evaluations must beat
+    _fewshot_before(s)
     window = _Window()
     for step, micro in data.micro_batches(s.shard("train"), micro_batch_size=t.micro_batch_size,
                                           grad_accum=spec.grad_accum_steps, start_step=state.step,
@@ -142,6 +143,8 @@ def train(s: Session, step_fn: Callable[[Session, list[dict]], StepOut],
         if done or (t.eval_every and state.step % t.eval_every == 0):
             evaluated = _evaluate(s, validate_fn)
         stop = evaluated is not None and _early_stop(s, evaluated)
+        if done or stop:
+            _fewshot_after(s)  # before the last save: Ray's final report (and Tune) carries it
 
         every = spec.checkpoint.every_n_steps
         save_now = (every and state.step % every == 0) or done or stop
@@ -227,6 +230,40 @@ def _early_stop(s: Session, metrics: dict[str, float]) -> bool:
               f"{s.state.early_stopping['best']:.6g} (step {s.state.early_stopping['best_step']}) "
               f"for {es.patience} evaluations", flush=True)
     return True
+
+
+def _fewshot_before(s: Session) -> None:
+    """k-shot accuracy of the model the run starts from, once (a resumed run has it in its state)."""
+    spec = s.spec.eval.fewshot
+    if spec is None or any("fewshot_accuracy_before" in m for m in s.state.metrics):
+        return
+    from trainers import fewshot
+
+    before = fewshot.evaluate(s.engine.module, s.tokenizer, spec, rank=s.rank, world_size=s.world, device=s.device)
+    s.state.metrics.append({"step": s.state.step, "fewshot_accuracy_before": before["fewshot_accuracy"],
+                            "fewshot_total": before["fewshot_total"], **s.tags})
+    if s.rank == 0:
+        print(f"few-shot ({spec.k}-shot, {spec.mode}) before training: {before['fewshot_correct']}/"
+              f"{before['fewshot_total']} correct ({before['fewshot_accuracy']:.1%})", flush=True)
+    s.engine.train()
+
+
+def _fewshot_after(s: Session) -> None:
+    spec = s.spec.eval.fewshot
+    if spec is None:
+        return
+    from trainers import fewshot
+
+    before = next(m for m in s.state.metrics if "fewshot_accuracy_before" in m)
+    after = fewshot.evaluate(s.engine.module, s.tokenizer, spec, rank=s.rank, world_size=s.world, device=s.device)
+    result = fewshot.compare({"fewshot_accuracy": before["fewshot_accuracy_before"]}, after)
+    s.state.metrics.append({"step": s.state.step, **result, **s.tags})
+    if s.rank == 0:
+        print(f"few-shot ({spec.k}-shot, {spec.mode}) after training: {after['fewshot_correct']}/"
+              f"{after['fewshot_total']} correct ({after['fewshot_accuracy']:.1%}); before "
+              f"{result['fewshot_accuracy_before']:.1%}: {100 * result['fewshot_accuracy_gain']:+.1f} points",
+              flush=True)
+    s.engine.train()
 
 
 class _Window:

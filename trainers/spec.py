@@ -311,6 +311,14 @@ class ParamGroupSpec(Strict):
         return ModelSpec._patterns_compile([v])[0]
 
 
+class EvalSpec(Strict):
+    """Evaluations besides the eval loss."""
+
+    fewshot: FewshotSpec | None = None
+    """k-shot accuracy on held-out questions before training and after (the difference is
+    what the fine-tune bought over prompting); reported with the run's final metrics."""
+
+
 class TrainSpec(Strict):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when `max_steps` is set)."""
@@ -408,6 +416,8 @@ class _RunBase(Strict):
     """Training and evaluation data, and how it becomes fixed-length sequences."""
     train: TrainSpec = TrainSpec()
     """Steps, optimizer, batch sizes and DeepSpeed."""
+    eval: EvalSpec = EvalSpec()
+    """Evaluations besides the eval loss of `data.eval` (few-shot accuracy)."""
     resources: ResourcesSpec = ResourcesSpec()
     """Workers and what each reserves on the cluster."""
     checkpoint: CheckpointSpec = CheckpointSpec()
