@@ -65,7 +65,7 @@ def run(
         _echo(out, json_out)
         return
     if definition.kind == "local":  # its workers run in this Python environment
-        preflight.check_train_packages()
+        preflight.check_train_packages(spec)
     preflight.check_deepspeed_rules(spec, ds_cfg, str(spec_file))
     preflight.check_data(spec, str(spec_file))
     warning = preflight.check_storage(spec, remote=kube)

@@ -10,7 +10,7 @@ import sys
 
 from cluster import ClusterStatus
 from launcher.errors import SpecError, SpecIssue, StorageError, UsageError
-from trainers import storage
+from trainers import quantize_check, storage
 from trainers.ds_config import DeepSpeedConfigError, deepspeed_config
 from trainers.spec import AnyRun, ZeroSpec
 from trainers.user_errors import importable
@@ -41,6 +41,7 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
     except DeepSpeedConfigError as e:
         field = "train.deepspeed" if isinstance(spec.train.deepspeed, ZeroSpec) else f"train.deepspeed ({e.source})"
         issues += [SpecIssue(f"{field}: {key}", msg) for key, msg in e.problems]
+    issues += [SpecIssue(quantize_check.FIELD, msg) for msg in quantize_check.config_problems(spec, ds_cfg)]
     for where, ds in spec.data.datasets():
         if _looks_local(ds.path) and not os.path.exists(ds.path):
             issues.append(SpecIssue(f"{where}.path", "no such file or directory", ds.path))
@@ -148,12 +149,21 @@ def check_chat_template(spec: AnyRun, source: str, *, local_only: bool = False) 
         raise SpecError(source, [SpecIssue(path, text)], hint=hint)
 
 
-def check_train_packages() -> None:
+def check_train_packages(spec: AnyRun | None = None) -> None:
     """A local cluster runs the workers in this Python environment: it must have what they
-    import (`pip install llmlaunch` alone is the launcher without them)."""
+    import (`pip install llmlaunch` alone is the launcher without them), and bitsandbytes
+    for `model.peft.quantize`."""
     from trainers.user_errors import missing_train_packages
 
     missing = missing_train_packages()
+    if spec is not None and quantize_check.missing_package(spec):
+        if not missing:
+            raise UsageError(f"{quantize_check.FIELD}: {spec.model.peft.quantize} loads the base with "
+                             f"{quantize_check.PACKAGE}, which this Python environment ({sys.executable}) lacks "
+                             "(a local cluster's workers run in it)",
+                             hint=f"pip install 'llmlaunch[train]' (or {quantize_check.PACKAGE}), "
+                                  f"or remove {quantize_check.FIELD}")
+        missing = missing + [quantize_check.PACKAGE]
     if missing:
         raise UsageError(f"this Python environment ({sys.executable}) lacks {', '.join(missing)}, which the "
                          "training workers of a local cluster need",

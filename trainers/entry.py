@@ -16,7 +16,7 @@ import time
 
 import yaml
 
-from trainers import checkpoint, data, data_check, lineage, secrets_env, storage, user_errors
+from trainers import checkpoint, data, data_check, lineage, quantize_check, secrets_env, storage, user_errors
 from trainers.spec import AnyRun, parse_spec
 from trainers.user_errors import JobUserError
 
@@ -44,6 +44,7 @@ def run_job() -> int:
     # model.init_from: train from the parent's exported model (and tokenizer); spec.yaml records it.
     spec, origin = lineage.apply(spec)
     check_data(spec)
+    quantize_check.check_quantize(spec)
     run = checkpoint.run_uri(spec.checkpoint.storage, spec.name, run_id)
     if spec.tune is not None and spec.checkpoint.resume == "auto":
         # The same command continues the search (the launcher said so if it could see the storage).

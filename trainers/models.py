@@ -70,10 +70,14 @@ def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, An
     # transformers only reads it while the object is alive.
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     _keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
+    quantize = spec.model.peft is not None and spec.model.peft.quantize == "4bit"
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch_dtype(dtype), trust_remote_code=spec.model.trust_remote_code
+        model_dir, dtype=torch_dtype(dtype), trust_remote_code=spec.model.trust_remote_code,
+        **(_4bit_kwargs(dtype) if quantize else {}),
     )
     model.config.use_cache = False
+    if quantize:
+        _prepare_4bit(model)
     if spec.model.peft is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -90,11 +94,49 @@ def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, An
     return model
 
 
+def _4bit_kwargs(dtype: str) -> dict[str, Any]:
+    """from_pretrained arguments for QLoRA: NF4 with double quantization, computing in the
+    training dtype (bfloat16 on GPUs, float32 on CPUs), on this worker's device."""
+    import logging
+
+    import torch
+
+    # bitsandbytes warns at import on AVX512-BF16 CPUs that an optional inference kernel
+    # (the `kernels` package) is missing: inference only, and disabled below anyway.
+    # (peft imports bitsandbytes too: this runs first.)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch_dtype(dtype))
+    # Quantized where it is loaded: on the GPU Ray Train gave this worker (the device DeepSpeed uses).
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": device}}
+
+
+def _prepare_4bit(model) -> None:
+    """peft's k-bit preparation (base frozen, its norms and embeddings in float32), without
+    gradient checkpointing; and no CPU inference repacking of the 4-bit weights."""
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks a Linear4bit's weights at its first
+    # forward in eval mode without grad (an evaluation) for a faster inference kernel that
+    # has no backward: training after that backpropagates through it without error but with
+    # wrong gradients (and breaks ZeRO-3 and the state dict). Keep the layout training uses.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameters; ZeRO-3 partitions report their full size via ds_numel."""
+    """(trainable, total) parameters; ZeRO-3 partitions report their full size via ds_numel,
+    4-bit weights (two per byte) the shape they were quantized from."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        quant_state = getattr(p, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else getattr(p, "ds_numel", p.numel())
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -22,6 +22,13 @@ class Strict(BaseModel):
                               allow_inf_nan=False)
 
 
+# model.peft.quantize with ZeRO-3 (the shorthand here; a DeepSpeed JSON: trainers.quantize_check).
+QUANTIZE_ZERO3 = ("model.peft.quantize 4bit works with ZeRO stages 0-2, not 3: transformers loads a 4-bit model "
+                  "whole on every rank (never partitioned at load), and ZeRO-3's gathering of packed 4-bit "
+                  "weights across ranks is untested here; the base is frozen, so stage 2 already shards all "
+                  "that trains")
+
+
 class LoraSpec(Strict):
     """Parameter-efficient fine-tuning with LoRA adapters (peft)."""
 
@@ -35,6 +42,12 @@ class LoraSpec(Strict):
     """Dropout on the adapter input."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     """Module names (or `all-linear`) to wrap with adapters."""
+    quantize: Literal["4bit"] | None = None
+    """`4bit`: QLoRA, the frozen base loaded in bitsandbytes NF4 with double quantization
+    (computing in the training precision: bfloat16 on GPUs, float32 on CPUs) and the
+    adapters trained on top; about a quarter of the base's memory. ZeRO stages 0-2 only.
+    The export merges the adapter into the base loaded unquantized. Needs `bitsandbytes`
+    (in `llmlaunch[train]`)."""
 
 
 class ModelSpec(Strict):
@@ -497,6 +510,9 @@ class _RunBase(Strict):
             raise ValueError("model.freeze has no effect with model.peft (the base model is frozen already)")
         if self.train.eval_at_start and not self._has_eval():
             raise ValueError("train.eval_at_start needs eval data: set data.eval or data.eval_fraction")
+        ds = self.train.deepspeed
+        if self.model.peft is not None and self.model.peft.quantize and isinstance(ds, ZeroSpec) and ds.stage == 3:
+            raise ValueError(QUANTIZE_ZERO3 + ": use train.deepspeed.stage 2")
         return self
 
     @property
