@@ -18,6 +18,10 @@ def quiet_workers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=r".*torch\.distributed.*", category=FutureWarning)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # bitsandbytes (imported by peft whenever it is installed) warns at import on AVX512-BF16
+    # CPUs that an optional inference kernel (the `kernels` package) is missing: inference
+    # only, and turned off for QLoRA training anyway (trainers.models).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # tqdm bars of weight loading/saving garble a streamed log; progress is ours to report.
     from transformers.utils import logging as hf_logging
 

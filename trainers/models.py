@@ -97,14 +97,7 @@ def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, An
 def _4bit_kwargs(dtype: str) -> dict[str, Any]:
     """from_pretrained arguments for QLoRA: NF4 with double quantization, computing in the
     training dtype (bfloat16 on GPUs, float32 on CPUs), on this worker's device."""
-    import logging
-
     import torch
-
-    # bitsandbytes warns at import on AVX512-BF16 CPUs that an optional inference kernel
-    # (the `kernels` package) is missing: inference only, and disabled below anyway.
-    # (peft imports bitsandbytes too: this runs first.)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
