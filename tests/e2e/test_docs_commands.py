@@ -35,6 +35,13 @@ RUN_ELSEWHERE = {
     # search itself runs in tests/integration/test_tune.py, a run on KubeRay in tests/k8s
     "launch configs/examples/prod_tune.yaml --cluster prod": "test_kubernetes_doc_render_commands + test_tune.py",
     "launch configs/examples/tune_lora.yaml": "tests/integration/test_tune.py (the run on the session's S3 server)",
+    # docs/methods.md: each example is trained by the integration test of its method (a few steps)
+    "launch configs/examples/sft_sharegpt.yaml": "test_training.py::test_each_chat_format_example_trains_end_to_end",
+    "launch configs/examples/pretrain.yaml": "test_training.py::test_pretrain_on_local_storage_with_eval",
+    "launch configs/examples/multitask.yaml": "test_multitask.py (one whole epoch of a smaller mixture)",
+    "launch configs/examples/transfer.yaml": "test_transfer.py (the child of a quickstart parent on S3)",
+    "launch configs/examples/fewshot.yaml": "test_fewshot_run.py (the example as shipped)",
+    "launch configs/examples/qlora.yaml": "test_qlora_train.py",
 }
 
 
