@@ -118,7 +118,7 @@ def check_data(spec: AnyRun, source: str, *, local_only: bool = False) -> None:
         if local_only and "://" in ds.path:
             continue
         try:
-            problems = data_check.peek_problems(ds)
+            problems = data_check.peek_problems(ds, spec.data.on_bad_rows == "skip")
         except storage.StorageError:
             continue  # unreadable from here: the job checks it where it runs
         issues += [SpecIssue(where, f"(format {ds.format}) {p}") for p in problems]

@@ -244,6 +244,7 @@ class Prepared:
     packing_efficiency: float
     task_evals: dict[str, Any] = field(default_factory=dict)  # multitask: "eval_<task>" -> its eval set
     mixture: dict[str, dict[str, Any]] = field(default_factory=dict)  # multitask: task -> share, rows, sequences
+    bad_rows: dict[str, int] = field(default_factory=dict)  # data.on_bad_rows skip: YAML path -> rows left out
 
 
 @functools.lru_cache(maxsize=4)
@@ -257,17 +258,50 @@ def _tokenizer(model_path: str, trust_remote_code: bool, chat_template: str | No
 
 
 def _tokenize_batch(batch, *, ds: DatasetSpec, where: str, model_path: str, trust_remote_code: bool, max_len: int,
-                    packing: bool, chat_template: str | None = None):
+                    packing: bool, chat_template: str | None = None, bad_rows=None):
+    """Format, tokenize and pack a batch of raw rows. A bad row fails the task, or with
+    `bad_rows` (data.on_bad_rows: skip; a BadRows actor) is left out and counted there."""
     tok = _tokenizer(model_path, trust_remote_code, chat_template)
-    examples = []
+    examples, skipped = [], 0
     for row in batch.to_pylist():
         example, problem = _formatted(row, ds, tok)
+        if problem and bad_rows is not None:
+            skipped += 1
+            continue
         if problem:
             # Only on failure: find the file and line of the first bad row (a task knows neither).
             located = data_check.scan(ds, lambda r: _formatted(r, ds, tok)[1])
             raise data_check.DataError(f"{where} (format {ds.format}): {located or f'{ds.path}: a row {problem}'}")
         examples.append(example)
+    if skipped:
+        import ray
+
+        ray.get(bad_rows.add.remote(where, skipped))  # counted before the task's rows are: none is lost
     return pack(examples, max_len, tok.pad_token_id, packing)
+
+
+def bad_row_problem(ds: DatasetSpec, spec: AnyRun):
+    """The check a tokenization task makes of a row, for the driver's report of skipped rows."""
+    tok = _tokenizer(spec.model.path, spec.model.trust_remote_code, spec.data.chat_template)
+    return lambda row: _formatted(row, ds, tok)[1]
+
+
+def _bad_row_counter():
+    """An actor the tokenization tasks count skipped rows on, per dataset (YAML path)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class BadRows:
+        def __init__(self):
+            self.counts: dict[str, int] = {}
+
+        def add(self, where: str, n: int) -> None:
+            self.counts[where] = self.counts.get(where, 0) + n
+
+        def get(self) -> dict[str, int]:
+            return self.counts
+
+    return BadRows.remote()
 
 
 def _formatted(row: dict[str, Any], ds: DatasetSpec, tok) -> tuple[tuple[list[int], list[int]] | None, str | None]:
@@ -322,17 +356,26 @@ def prepare(spec: AnyRun) -> Prepared:
     # same spec sees the same batches in the same order (a search's best.yaml reproduces
     # its trial).
     DataContext.get_current().execution_options.preserve_order = True
-    if spec.method == "multitask":
-        return _prepare_mixture(spec)
+    bad = _bad_row_counter() if spec.data.on_bad_rows == "skip" else None
+    prepared = _prepare_mixture(spec, bad) if spec.method == "multitask" else _prepare_single(spec, bad)
+    if bad is not None:
+        import ray
+
+        prepared.bad_rows = {k: n for k, n in ray.get(bad.get.remote()).items() if n}
+        ray.kill(bad)
+    return prepared
+
+
+def _prepare_single(spec: AnyRun, bad) -> Prepared:
     d = spec.data
-    train = _tokenized(spec, [(f"data.train[{i}]", ds) for i, ds in enumerate(d.train)]).materialize()
-    evaluation = _tokenized(spec, [(f"data.eval[{i}]", ds) for i, ds in enumerate(d.eval)]) if d.eval else None
+    train = _tokenized(spec, [(f"data.train[{i}]", ds) for i, ds in enumerate(d.train)], bad).materialize()
+    evaluation = _tokenized(spec, [(f"data.eval[{i}]", ds) for i, ds in enumerate(d.eval)], bad) if d.eval else None
     if evaluation is None and d.eval_fraction > 0:
         train, evaluation = train.train_test_split(test_size=d.eval_fraction, shuffle=True, seed=spec.train.seed)
     return _finish(spec, train, evaluation.materialize() if evaluation is not None else None)
 
 
-def _tokenized(spec: AnyRun, datasets: list[tuple[str, DatasetSpec]]):
+def _tokenized(spec: AnyRun, datasets: list[tuple[str, DatasetSpec]], bad_rows=None):
     """One Ray Dataset of the packed rows of `datasets` ((YAML path, dataset) pairs)."""
     d = spec.data
     parts = [
@@ -342,7 +385,7 @@ def _tokenized(spec: AnyRun, datasets: list[tuple[str, DatasetSpec]]):
             batch_size=1024,
             fn_kwargs=dict(ds=ds, where=where, model_path=spec.model.path,
                            trust_remote_code=spec.model.trust_remote_code, max_len=d.max_seq_len,
-                           packing=d.packing, chat_template=d.chat_template),
+                           packing=d.packing, chat_template=d.chat_template, bad_rows=bad_rows),
         )
         for where, ds in datasets
     ]
@@ -403,7 +446,7 @@ def _with_task(batch: dict[str, np.ndarray], *, task_id: int) -> dict[str, np.nd
     return {**batch, "task_id": np.full(len(batch["input_ids"]), task_id, dtype=np.int32)}
 
 
-def _prepare_mixture(spec) -> Prepared:
+def _prepare_mixture(spec, bad) -> Prepared:
     """Each task packed on its own (no sequence mixes two tasks) and tagged with its
     `task_id`; the training mixture holds each task's share of rows; each task's eval set
     is a dataset of its own (`eval_<task>`), for its own eval loss."""
@@ -411,11 +454,11 @@ def _prepare_mixture(spec) -> Prepared:
     names = list(d.tasks)
     trains, evals = {}, {}
     for task_id, (name, task) in enumerate(d.tasks.items()):
-        train = _tokenized(spec, [(f"data.tasks.{name}.train[{i}]", ds) for i, ds in enumerate(task.train)])
+        train = _tokenized(spec, [(f"data.tasks.{name}.train[{i}]", ds) for i, ds in enumerate(task.train)], bad)
         train = train.map_batches(_with_task, batch_format="numpy", fn_kwargs={"task_id": task_id}).materialize()
         evaluation = None
         if task.eval:
-            evaluation = _tokenized(spec, [(f"data.tasks.{name}.eval[{i}]", ds) for i, ds in enumerate(task.eval)])
+            evaluation = _tokenized(spec, [(f"data.tasks.{name}.eval[{i}]", ds) for i, ds in enumerate(task.eval)], bad)
         elif task.eval_fraction > 0:
             train, evaluation = train.train_test_split(test_size=task.eval_fraction, shuffle=True, seed=seed)
         trains[name] = train.materialize()

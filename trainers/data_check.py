@@ -284,15 +284,47 @@ def first_problem(uri: str, check, limit: int | None = None) -> str | None:
     return None
 
 
-def peek_problems(ds: DatasetSpec) -> list[str]:
-    """`<file> line N: <problem>` for the first rows of each file of a dataset. Raises
-    trainers.storage.StorageError when the files cannot be read."""
+def peek_problems(ds: DatasetSpec, skip_bad: bool = False) -> list[str]:
+    """`<file> line N: <problem>` for the first rows of each file of a dataset. With
+    `skip_bad` (data.on_bad_rows: skip) a file is a problem only when all of its first rows
+    are bad: a wrong `format`, not a few rows to skip. Raises trainers.storage.StorageError
+    when the files cannot be read."""
     problems = []
+    check = (lambda row: row_problem(row, ds))
     for uri in data_files(ds.path)[:8]:
-        problem = first_problem(uri, lambda row: row_problem(row, ds), PEEK_ROWS)
+        problem = _all_bad(uri, check, PEEK_ROWS) if skip_bad else first_problem(uri, check, PEEK_ROWS)
         if problem:
             problems.append(problem)
     return problems
+
+
+def _all_bad(uri: str, check, limit: int) -> str | None:
+    first = None
+    try:
+        for line_no, row in rows(uri, limit):
+            problem = check(row)
+            if not problem:
+                return None
+            first = first or f"{uri} line {line_no}: {problem}"
+    except DataError as e:
+        return e.message
+    return first and f"{first} (and every row after it among the first {limit})"
+
+
+def bad_rows(ds: DatasetSpec, check, limit: int) -> list[str]:
+    """`<file> line N: <problem>` of up to `limit` bad rows over all of a dataset's files."""
+    found: list[str] = []
+    for uri in data_files(ds.path):
+        try:
+            for line_no, row in rows(uri):
+                problem = check(row)
+                if problem:
+                    found.append(f"{uri} line {line_no}: {problem}")
+                    if len(found) >= limit:
+                        return found
+        except DataError as e:
+            found.append(e.message)
+    return found
 
 
 def is_chat_data(ds: DatasetSpec) -> bool | None:

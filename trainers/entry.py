@@ -113,7 +113,8 @@ def check_data(spec: AnyRun) -> None:
     problems = []
     for where, ds in spec.data.datasets():
         try:
-            problems += [f"{where} (format {ds.format}): {p}" for p in data_check.peek_problems(ds)]
+            problems += [f"{where} (format {ds.format}): {p}"
+                         for p in data_check.peek_problems(ds, spec.data.on_bad_rows == "skip")]
         except storage.StorageError as e:
             raise JobUserError(f"{where}.path: {e}", hint=e.hint) from None
     if problems:
@@ -165,7 +166,7 @@ def prepare_data(spec: AnyRun) -> data.Prepared:
     for logger in loggers:
         logger.addFilter(quiet)
     try:
-        return data.prepare(spec)
+        prepared = data.prepare(spec)
     except Exception as e:
         message = data_check.message_from(e)
         if message is None:  # e.g. Arrow could not read the file: name the line if it is a bad row
@@ -176,6 +177,29 @@ def prepare_data(spec: AnyRun) -> data.Prepared:
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
+    report_bad_rows(spec, prepared)
+    return prepared
+
+
+def report_bad_rows(spec: AnyRun, prepared: data.Prepared) -> None:
+    """The rows `data.on_bad_rows: skip` left out, each by file and line; more than
+    `data.max_bad_rows` of them fail the run (a systematic problem, not a few rows)."""
+    if not prepared.bad_rows:
+        return
+    total, cap = sum(prepared.bad_rows.values()), spec.data.max_bad_rows
+    datasets = dict(spec.data.datasets())
+    located = []
+    for where, n in prepared.bad_rows.items():
+        ds = datasets[where]
+        located += [f"{where} (format {ds.format}): {p}"
+                    for p in data_check.bad_rows(ds, data.bad_row_problem(ds, spec), min(n, cap + 1))]
+    if total > cap:
+        raise JobUserError(f"{total} bad rows, more than data.max_bad_rows ({cap}); the first: "
+                           + "; ".join(located[:3]),
+                           hint="fix the rows (or the dataset's `format`), or raise data.max_bad_rows")
+    print(f"data: skipped {total} bad row{'' if total == 1 else 's'} (data.on_bad_rows: skip):", flush=True)
+    for line in located:
+        print(f"  {line}", flush=True)
 
 
 def _scan_all(spec: AnyRun) -> list[str]:

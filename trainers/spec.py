@@ -166,6 +166,14 @@ class DataSpec(Strict):
     `llama3`), a jinja file (relative to the spec), or the template text itself. Required
     when the tokenizer has none. The exported model's tokenizer carries it."""
 
+    on_bad_rows: Literal["skip", "fail"] = "skip"
+    """A row that cannot be trained on (a missing field, a wrong type, an empty conversation,
+    a role the template rejects): `skip` leaves it out and the job lists each one by file and
+    line; `fail` stops the job at the first, naming its file and line. Either way a file
+    whose first rows are all bad stops the run before it starts (its `format` is wrong)."""
+    max_bad_rows: int = Field(100, ge=0)
+    """With `on_bad_rows: skip`: more bad rows than this over all datasets fail the run."""
+
     def datasets(self) -> list[tuple[str, DatasetSpec]]:
         """(YAML path, dataset) of every dataset the run reads."""
         return [(f"data.{split}[{i}]", ds) for split in ("train", "eval") for i, ds in enumerate(getattr(self, split))]

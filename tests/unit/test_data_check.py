@@ -212,3 +212,25 @@ def test_entry_checks_remote_only_data_at_job_start_in_one_line(tmp_path):
     error = json.loads(line.split(" ", 1)[1])
     assert error["message"].startswith(f"data.train[0] (format messages): {path} line 1: no field `messages`")
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def _chat_rows(path, bad_lines: set[int], n: int = 10) -> str:
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path.write_text("".join(json.dumps({"messages": []} if i in bad_lines else good) + "\n" for i in range(1, n + 1)))
+    return str(path)
+
+
+def test_skip_peek_refuses_only_a_file_whose_first_rows_are_all_bad(tmp_path):
+    ds = DatasetSpec(path=_chat_rows(tmp_path / "some.jsonl", {2, 5}), format="messages")
+    assert data_check.peek_problems(ds, skip_bad=True) == []
+    assert data_check.peek_problems(ds) == [f"{ds.path} line 2: field `messages` is an empty conversation"]
+    wrong = DatasetSpec(path=_chat_rows(tmp_path / "all.jsonl", set(range(1, 11))), format="messages")
+    assert data_check.peek_problems(wrong, skip_bad=True) == [
+        f"{wrong.path} line 1: field `messages` is an empty conversation (and every row after it among the first {data_check.PEEK_ROWS})"]
+
+
+def test_bad_rows_lists_every_bad_line_up_to_the_limit(tmp_path):
+    ds = DatasetSpec(path=_chat_rows(tmp_path / "c.jsonl", {2, 5, 9}), format="messages")
+    check = lambda row: data_check.row_problem(row, ds)  # noqa: E731
+    assert data_check.bad_rows(ds, check, 10) == [f"{ds.path} line {n}: field `messages` is an empty conversation" for n in (2, 5, 9)]
+    assert len(data_check.bad_rows(ds, check, 2)) == 2
