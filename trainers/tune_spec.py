@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -192,7 +192,11 @@ def path_problem(run_model: type[BaseModel], path: str) -> tuple[str, str | None
     """(what is wrong, did-you-mean) when `path` names no field of the spec, else None."""
     models = [run_model]
     parts = path.split(".")
+    keyed = False  # the part before is a mapping (data.tasks): this part is one of its keys
     for i, part in enumerate(parts):
+        if keyed:
+            keyed = False
+            continue
         fields = {name: f for m in models for name, f in m.model_fields.items()}
         if part not in fields:
             where = ".".join(parts[:i]) or "the spec"
@@ -202,6 +206,7 @@ def path_problem(run_model: type[BaseModel], path: str) -> tuple[str, str | None
         if part in ("tune", "name", "method", "defaults"):
             return f"`{path}` cannot be searched", None
         models = _models_of(fields[part].annotation)
+        keyed = get_origin(fields[part].annotation) is dict
         if i < len(parts) - 1 and not models:
             return f"`{'.'.join(parts[:i + 1])}` has no fields", None
     if models and not any(m.model_fields.get(parts[-1]) for m in models):  # a section, not a value

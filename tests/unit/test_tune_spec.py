@@ -110,3 +110,12 @@ def test_concurrency_counts_each_trials_driver_cpu():
     assert capacity_concurrency(spec, {"CPU": 9}) == 6
     spec.resources.gpus_per_worker = 1
     assert capacity_concurrency(spec, {"CPU": 64, "GPU": 3}) == 3
+
+
+def test_a_multitask_weight_is_searched_through_its_task_name():
+    from trainers.spec import MultitaskRun
+
+    assert path_problem(MultitaskRun, "data.tasks.chat.weight") is None
+    assert path_problem(MultitaskRun, "data.tasks.chat.wieght") == (
+        "`wieght` is not a field of data.tasks.chat", "data.tasks.chat.weight")
+    assert path_problem(MultitaskRun, "data.tasks.chat")[0] == "`data.tasks.chat` is a section; search one of its fields"
