@@ -358,7 +358,7 @@ def _resolve_paths(data: dict[str, Any], spec_dir: Path) -> None:
     targets += [(fewshot, "path", next_to_spec), (fewshot, "pool", next_to_spec)]
     tasks = datasets.get("tasks") if isinstance(datasets.get("tasks"), dict) else {}
     for section in [datasets, *(t for t in tasks.values() if isinstance(t, dict))]:  # multitask: each task's
-        for split in ("train", "eval"):  # anything malformed is left for validation to report
+        for split in ("train", "eval", "replay"):  # anything malformed is left for validation to report
             entries = section.get(split) if isinstance(section.get(split), list) else []
             targets += [(ds, "path", next_to_spec) for ds in entries if isinstance(ds, dict)]
     if is_file_reference(datasets.get("chat_template")):  # not a built-in name or the template itself

@@ -87,7 +87,9 @@ def _local_paths_on_remote(spec: AnyRun) -> list[SpecIssue]:
 
 def _looks_local(path: str) -> bool:
     """Absolute, home-relative or explicitly relative paths; `org/name` may be a hub id."""
-    return "://" not in path and (path.startswith(("/", "~", "./", "../")) or path.endswith((".json", ".jsonl", ".parquet")))
+    from trainers import data_check
+
+    return "://" not in path and (path.startswith(("/", "~", "./", "../")) or path.endswith(data_check.DATA_SUFFIXES))
 
 
 def check_deepspeed_rules(spec: AnyRun, ds_cfg: dict, source: str) -> None:

@@ -237,14 +237,15 @@ def _packed_rows(examples: list[tuple[list[int], list[int]]], max_len: int, pad_
 class Prepared:
     train: Any  # ray.data.Dataset
     eval: Any | None
-    rows: int
+    rows: int | None  # None: data.streaming (not counted up front)
     eval_rows: int
-    tokens: int
-    loss_tokens: int
-    packing_efficiency: float
+    tokens: int | None
+    loss_tokens: int | None
+    packing_efficiency: float | None
     task_evals: dict[str, Any] = field(default_factory=dict)  # multitask: "eval_<task>" -> its eval set
     mixture: dict[str, dict[str, Any]] = field(default_factory=dict)  # multitask: task -> share, rows, sequences
     bad_rows: dict[str, int] = field(default_factory=dict)  # data.on_bad_rows skip: YAML path -> rows left out
+    bad_row_counter: Any = None  # data.streaming: the counter actor, read after the run
 
 
 @functools.lru_cache(maxsize=4)
@@ -322,15 +323,26 @@ def read_dataset(ds: DatasetSpec):
     from trainers import storage
 
     path = ds.path
-    is_file_like = "://" in path or path.endswith((".json", ".jsonl", ".parquet")) or _local_exists(path)
+    is_file_like = "://" in path or path.endswith(data_check.DATA_SUFFIXES) or _local_exists(path)
     if not is_file_like:
         import datasets
 
         return ray.data.from_huggingface(datasets.load_dataset(path, split=ds.split))
     fs, fs_path = storage.filesystem(path)
+    if fs_path.endswith(".txt") or _dir_has(fs, fs_path, ".txt"):
+        # One task per file, its documents (blank-line separated) one row each, as
+        # data_check.rows reads them: a corpus streams file by file.
+        files = ray.data.read_binary_files(fs_path, filesystem=fs, file_extensions=["txt"])
+        return files.flat_map(_txt_documents)
     if fs_path.endswith(".parquet") or _dir_has(fs, fs_path, ".parquet"):
         return ray.data.read_parquet(fs_path, filesystem=fs)
     return ray.data.read_json(fs_path, filesystem=fs)  # newline-delimited or a JSON array
+
+
+def _txt_documents(row: dict[str, Any]) -> list[dict[str, str]]:
+    import io
+
+    return [doc for _, doc in data_check._documents(io.BytesIO(row["bytes"]), None)]
 
 
 def _local_exists(path: str) -> bool:
@@ -357,22 +369,54 @@ def prepare(spec: AnyRun) -> Prepared:
     # its trial).
     DataContext.get_current().execution_options.preserve_order = True
     bad = _bad_row_counter() if spec.data.on_bad_rows == "skip" else None
+    if spec.data.streaming:
+        return _prepare_stream(spec, bad)
     prepared = _prepare_mixture(spec, bad) if spec.method == "multitask" else _prepare_single(spec, bad)
     if bad is not None:
-        import ray
-
-        prepared.bad_rows = {k: n for k, n in ray.get(bad.get.remote()).items() if n}
-        ray.kill(bad)
+        prepared.bad_rows = bad_row_counts(bad)
     return prepared
 
 
+def bad_row_counts(counter) -> dict[str, int]:
+    """Rows left out per dataset (YAML path), from the tasks' counter actor, which ends here."""
+    import ray
+
+    counts = {k: n for k, n in ray.get(counter.get.remote()).items() if n}
+    ray.kill(counter)
+    return counts
+
+
 def _prepare_single(spec: AnyRun, bad) -> Prepared:
-    d = spec.data
+    d, seed = spec.data, spec.train.seed
     train = _tokenized(spec, [(f"data.train[{i}]", ds) for i, ds in enumerate(d.train)], bad).materialize()
     evaluation = _tokenized(spec, [(f"data.eval[{i}]", ds) for i, ds in enumerate(d.eval)], bad) if d.eval else None
     if evaluation is None and d.eval_fraction > 0:
-        train, evaluation = train.train_test_split(test_size=d.eval_fraction, shuffle=True, seed=spec.train.seed)
-    return _finish(spec, train, evaluation.materialize() if evaluation is not None else None)
+        train, evaluation = train.train_test_split(test_size=d.eval_fraction, shuffle=True, seed=seed)
+    mixture = {}
+    if d.replay:  # after the eval split: the held-out rows are the domain's own
+        replay = _tokenized(spec, [(f"data.replay[{i}]", ds) for i, ds in enumerate(d.replay)], bad).materialize()
+        n, have = train.count(), replay.count()
+        if have == 0:
+            raise ValueError("data.replay: no sequences after tokenization (are the files empty?)")
+        want = max(1, round(d.replay_weight / (1 - d.replay_weight) * n))
+        train = train.materialize().union(_sample(replay, have, want, seed + 1))
+        mixture = {"train": {"share": n / (n + want), "rows": n, "sequences": n},
+                   "replay": {"share": want / (n + want), "rows": want, "sequences": have}}
+    return _finish(spec, train, evaluation.materialize() if evaluation is not None else None, mixture=mixture)
+
+
+def _prepare_stream(spec: AnyRun, bad) -> Prepared:
+    """data.streaming: the training rows stay a lazy Ray Dataset, read, tokenized and packed
+    while the workers train (Ray Train splits it with streaming_split); nothing is counted or
+    shuffled globally up front. Eval data is small and prepared as usual. Skipped rows are
+    counted as the stream goes (`Prepared.bad_row_counter`) and reported after the run."""
+    d = spec.data
+    train = _tokenized(spec, [(f"data.train[{i}]", ds) for i, ds in enumerate(d.train)], bad)
+    evaluation = None
+    if d.eval:
+        evaluation = _tokenized(spec, [(f"data.eval[{i}]", ds) for i, ds in enumerate(d.eval)], bad).materialize()
+    return Prepared(train=train, eval=evaluation, rows=None, eval_rows=evaluation.count() if evaluation else 0,
+                    tokens=None, loss_tokens=None, packing_efficiency=None, bad_row_counter=bad)
 
 
 def _tokenized(spec: AnyRun, datasets: list[tuple[str, DatasetSpec]], bad_rows=None):
@@ -522,29 +566,38 @@ def attn_implementation(model) -> str | None:
 
 
 def micro_batches(shard, *, micro_batch_size: int, grad_accum: int, start_step: int, total_steps: int,
-                  steps_per_epoch: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+                  steps_per_epoch: int | None, shuffle_buffer: int | None = None,
+                  seed: int = 0) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """(step, [micro-batch dicts of torch tensors] * grad_accum) from `start_step` on.
 
     One optimizer step's rows are fetched at once and sliced here: Ray Data formats
-    batches in threads of this process, so fewer, larger fetches cost less per step."""
+    batches in threads of this process, so fewer, larger fetches cost less per step.
+    A resumed run skips what it already trained on: the steps of the epoch so far or, for a
+    stream (`steps_per_epoch` None: not counted), every step since the start, pass by pass.
+    `shuffle_buffer`: rows in a local shuffle buffer (streams are not shuffled globally)."""
     import torch
 
     step = start_step
     rows_per_step = micro_batch_size * grad_accum
+    skip = step % steps_per_epoch if steps_per_epoch else step
+    passes = 0
     while step < total_steps:
-        skip = step % steps_per_epoch  # resuming mid-epoch: skip what was already trained on
-        epoch_start = step
-        for i, batch in enumerate(shard.iter_batches(batch_size=rows_per_step, batch_format="numpy",
-                                                    drop_last=True, prefetch_batches=2)):
-            if i < skip:
+        trained = skipped = 0
+        batches = shard.iter_batches(batch_size=rows_per_step, batch_format="numpy", drop_last=True,
+                                     prefetch_batches=2, local_shuffle_buffer_size=shuffle_buffer,
+                                     local_shuffle_seed=seed + passes if shuffle_buffer else None)
+        for i, batch in enumerate(batches):
+            if skip:
+                skip, skipped = skip - 1, skipped + 1
                 continue
-            if i >= steps_per_epoch or step >= total_steps:
+            if (steps_per_epoch and i >= steps_per_epoch) or step >= total_steps:
                 break
             tensors = {k: torch.from_numpy(np.require(v, requirements='W')) for k, v in batch.items()}
             yield step, [
                 {k: t[j * micro_batch_size:(j + 1) * micro_batch_size] for k, t in tensors.items()}
                 for j in range(grad_accum)
             ]
-            step += 1
-        if step == epoch_start:
-            raise RuntimeError(f"dataset shard ran out before step {step}: fewer rows than steps_per_epoch expects")
+            step, trained = step + 1, trained + 1
+        passes += 1
+        if not trained and not skipped:
+            raise RuntimeError(f"dataset shard ran out before step {step}: fewer rows than one optimizer step needs")

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from trainers.spec import CHAT_ROLES, DatasetSpec
 
 PEEK_ROWS = 64
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 # The prefix of a data error's message inside an exception raised in a Ray Data task: the
 # job's driver finds it in the wrapped exception's text (the object itself does not survive).
 MARKER = "LLMLAUNCH_DATA_ERROR:"
@@ -194,7 +195,7 @@ def _type(value: Any) -> str:
 def _is_file_like(path: str) -> bool:
     import os
 
-    return "://" in path or path.endswith((".json", ".jsonl", ".parquet")) or os.path.exists(os.path.expanduser(path))
+    return "://" in path or path.endswith(DATA_SUFFIXES) or os.path.exists(os.path.expanduser(path))
 
 
 def data_files(path: str) -> list[str]:
@@ -214,7 +215,7 @@ def data_files(path: str) -> list[str]:
         if info.type == pafs.FileType.File:
             return [path]
         found = [f.path for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
-                 if f.type == pafs.FileType.File and f.path.endswith((".json", ".jsonl", ".parquet"))]
+                 if f.type == pafs.FileType.File and f.path.endswith(DATA_SUFFIXES)]
     prefix = "s3://" if path.startswith("s3://") else ""
     return [prefix + p for p in sorted(found)]
 
@@ -238,6 +239,9 @@ def rows(uri: str, limit: int | None = None) -> Iterator[tuple[int, Any]]:
         return
     with storage._errors(uri, "read the dataset"):
         text_stream = fs.open_input_stream(fs_path)
+    if uri.endswith(".txt"):
+        yield from _documents(text_stream, limit)
+        return
     with text_stream as f:
         head = f.read(1 << 20) if uri.endswith(".json") else b""
         if head.lstrip().startswith(b"["):  # a JSON array, not JSON lines: read it whole
@@ -262,6 +266,28 @@ def rows(uri: str, limit: int | None = None) -> Iterator[tuple[int, Any]]:
                         return
             if not chunk:
                 return
+
+
+def _documents(stream, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """(first line, `{"text": document}`) of a raw text file: documents are separated by
+    blank lines (the rows `trainers.data.read_dataset` makes of a `.txt`)."""
+    import io
+
+    with stream as f:
+        lines, start, n = [], 0, 0
+        for line_no, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), 1):
+            if line.strip():
+                start = start or line_no
+                lines.append(line.rstrip("\n"))
+                continue
+            if lines:
+                n += 1
+                yield start, {"text": "\n".join(lines)}
+                if limit and n >= limit:
+                    return
+            lines, start = [], 0
+        if lines:
+            yield start, {"text": "\n".join(lines)}
 
 
 def _loads(raw: bytes, uri: str, line_no: int) -> Any:

@@ -65,6 +65,9 @@ def run_job() -> int:
     else:
         prepared, per_epoch, total_steps = prepare_run(spec)
         result = fit(spec, run, prepared, per_epoch, total_steps, resume_from)
+        if prepared.bad_row_counter is not None:  # a stream's skipped rows are known once it has been read
+            prepared.bad_rows = data.bad_row_counts(prepared.bad_row_counter)
+            report_bad_rows(spec, prepared, after_run=True)
         summary = {"status": "completed", "run": run, "model": storage.join(run, "model"),
                    "total_steps": total_steps, "metrics": result.metrics, "finished_at": time.time()}
         if spec.model.peft is not None:
@@ -80,11 +83,15 @@ def prepare_run(spec: AnyRun, label: str = "") -> tuple[data.Prepared, int, int]
     (prepared, optimizer steps per epoch, total steps)."""
     t0 = time.perf_counter()
     prepared = prepare_data(spec)
+    if prepared.rows is None:  # data.streaming
+        print(f"data{label}: streaming the training data (read, tokenized and packed as it trains; not counted up "
+              f"front), {prepared.eval_rows} eval sequences prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+        return prepared, None, spec.train.max_steps
     print(f"data{label}: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} "
           f"eval; packing efficiency {prepared.packing_efficiency:.1%} (non-pad tokens), "
           f"{prepared.loss_tokens:,} loss tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
     if prepared.mixture:
-        print(f"mixture{label} ({spec.data.mixing}): " + ", ".join(
+        print(f"mixture{label} ({getattr(spec.data, 'mixing', 'replay')}): " + ", ".join(
             f"{name} {m['rows']} sequences ({m['share']:.1%}; {m['rows'] / m['sequences']:.2f} passes over its "
             f"{m['sequences']})" for name, m in prepared.mixture.items()), flush=True)
     per_epoch = data.steps_per_epoch(prepared.rows, spec.resources.workers,
@@ -181,9 +188,10 @@ def prepare_data(spec: AnyRun) -> data.Prepared:
     return prepared
 
 
-def report_bad_rows(spec: AnyRun, prepared: data.Prepared) -> None:
+def report_bad_rows(spec: AnyRun, prepared: data.Prepared, after_run: bool = False) -> None:
     """The rows `data.on_bad_rows: skip` left out, each by file and line; more than
-    `data.max_bad_rows` of them fail the run (a systematic problem, not a few rows)."""
+    `data.max_bad_rows` of them fail the run (a systematic problem, not a few rows), or,
+    for a stream reported after its run, are a warning."""
     if not prepared.bad_rows:
         return
     total, cap = sum(prepared.bad_rows.values()), spec.data.max_bad_rows
@@ -193,6 +201,10 @@ def report_bad_rows(spec: AnyRun, prepared: data.Prepared) -> None:
         ds = datasets[where]
         located += [f"{where} (format {ds.format}): {p}"
                     for p in data_check.bad_rows(ds, data.bad_row_problem(ds, spec), min(n, cap + 1))]
+    if total > cap and after_run:
+        print(f"warning: the stream had {total} bad rows, more than data.max_bad_rows ({cap}); the first: "
+              + "; ".join(located[:3]), flush=True)
+        return
     if total > cap:
         raise JobUserError(f"{total} bad rows, more than data.max_bad_rows ({cap}); the first: "
                            + "; ".join(located[:3]),

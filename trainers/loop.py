@@ -130,10 +130,11 @@ def train(s: Session, step_fn: Callable[[Session, list[dict]], StepOut],
     window = _Window()
     for step, micro in data.micro_batches(s.shard("train"), micro_batch_size=t.micro_batch_size,
                                           grad_accum=spec.grad_accum_steps, start_step=state.step,
-                                          total_steps=s.total_steps, steps_per_epoch=s.config["steps_per_epoch"]):
+                                          total_steps=s.total_steps, steps_per_epoch=s.config["steps_per_epoch"],
+                                          shuffle_buffer=_local_shuffle(spec), seed=t.seed + s.rank):
         window.add(step_fn(s, micro))
         state.step = step + 1
-        state.epoch = step // s.config["steps_per_epoch"]
+        state.epoch = step // s.config["steps_per_epoch"] if s.config["steps_per_epoch"] else 0  # a stream: uncounted
         done = state.step == s.total_steps
 
         if state.step % t.log_every == 0 or done:
@@ -320,6 +321,11 @@ def _log(s: Session, window: dict[str, Any]) -> None:
     emit(s, {"epoch": s.state.epoch, **{k: v for k, v in window.items() if k not in ("tokens_per_s", "tokens_seen")},
              "lr": s.engine.get_lr()[0], "tokens_per_s": window["tokens_per_s"],
              "tokens_seen": window["tokens_seen"], "total_steps": s.total_steps, **s.state.counters})
+
+
+def _local_shuffle(spec: AnyRun) -> int | None:
+    """Rows of the local shuffle buffer: a stream is not shuffled up front."""
+    return spec.data.shuffle_buffer if spec.data.streaming and spec.data.shuffle else None
 
 
 def _hidden_size(model_dir: str, trust_remote_code: bool) -> int | None:

@@ -140,6 +140,13 @@ class DatasetSpec(Strict):
                              f"{'trains every token' if fmt == 'text' else 'trains the response'}: remove it")
         return v
 
+    @model_validator(mode="after")
+    def _txt_is_raw_text(self) -> "DatasetSpec":
+        if self.path.endswith(".txt") and (self.format != "text" or self.text_field != "text"):
+            raise ValueError("a .txt file is raw text: use format: text (its blank-line separated documents are "
+                             "the rows, in `text`)")
+        return self
+
     @property
     def loss(self) -> str:
         """`loss_on`, with its default."""
@@ -166,6 +173,20 @@ class DataSpec(Strict):
     `llama3`), a jinja file (relative to the spec), or the template text itself. Required
     when the tokenizer has none. The exported model's tokenizer carries it."""
 
+    streaming: bool = False
+    """Stream the training data through Ray Data as it trains instead of preparing it all
+    before the first step: for corpora larger than the cluster's memory. Needs
+    `train.max_steps` (the rows are not counted up front) and `data.eval` rather than
+    `eval_fraction`; shuffling is then local (`shuffle_buffer`), and a resumed run reads the
+    stream again up to where it was."""
+    shuffle_buffer: int = Field(1000, gt=0)
+    """Rows in each worker's local shuffle buffer when `streaming` (and `shuffle`)."""
+    replay: list[DatasetSpec] = []
+    """A general corpus mixed into the training data to limit forgetting (continued
+    pre-training, domain fine-tuning): sampled (seeded; repeated if too small) to
+    `replay_weight` of the training sequences. Not with `streaming`."""
+    replay_weight: float = Field(0.1, gt=0, lt=1)
+    """The share of the training sequences that come from `replay`."""
     on_bad_rows: Literal["skip", "fail"] = "skip"
     """A row that cannot be trained on (a missing field, a wrong type, an empty conversation,
     a role the template rejects): `skip` leaves it out and the job lists each one by file and
@@ -174,9 +195,20 @@ class DataSpec(Strict):
     max_bad_rows: int = Field(100, ge=0)
     """With `on_bad_rows: skip`: more bad rows than this over all datasets fail the run."""
 
+    @model_validator(mode="after")
+    def _streaming_limits(self) -> "DataSpec":
+        if self.streaming and self.eval_fraction:
+            raise ValueError("data.eval_fraction splits counted rows: with data.streaming name held-out data in "
+                             "data.eval")
+        if self.streaming and self.replay:
+            raise ValueError("data.replay is sampled from counted rows: with data.streaming add the general corpus "
+                             "to data.train instead")
+        return self
+
     def datasets(self) -> list[tuple[str, DatasetSpec]]:
         """(YAML path, dataset) of every dataset the run reads."""
-        return [(f"data.{split}[{i}]", ds) for split in ("train", "eval") for i, ds in enumerate(getattr(self, split))]
+        return [(f"data.{split}[{i}]", ds) for split in ("train", "eval", "replay")
+                for i, ds in enumerate(getattr(self, split))]
 
 
 class TaskSpec(Strict):
@@ -218,9 +250,11 @@ class MultitaskDataSpec(DataSpec):
 
     @model_validator(mode="after")
     def _no_top_level_datasets(self) -> "MultitaskDataSpec":
-        if self.train or self.eval or self.eval_fraction:
+        if self.train or self.eval or self.eval_fraction or self.replay:
             raise ValueError("multitask reads each task's datasets: move data.train / data.eval / data.eval_fraction "
-                             "under data.tasks.<name>")
+                             "under data.tasks.<name> (data.replay: a task of its own)")
+        if self.streaming:
+            raise ValueError("multitask counts each task's sequences to mix them: data.streaming is for sft/pretrain")
         return self
 
     def datasets(self) -> list[tuple[str, DatasetSpec]]:
@@ -494,6 +528,13 @@ class _RunBase(Strict):
         return self
 
     @model_validator(mode="after")
+    def _streaming_needs_max_steps(self) -> "_RunBase":
+        if self.data.streaming and not self.train.max_steps:
+            raise ValueError("data.streaming does not count the rows up front, so epochs are unknown: set "
+                             "train.max_steps")
+        return self
+
+    @model_validator(mode="after")
     def _early_stopping_needs_evals(self) -> "_RunBase":
         if self.train.early_stopping is None:
             return self
@@ -557,11 +598,10 @@ class PretrainRun(_RunBase):
 
     @model_validator(mode="after")
     def _text_only(self) -> "PretrainRun":
-        for split in ("train", "eval"):
-            for i, ds in enumerate(getattr(self.data, split)):
-                if ds.format != "text":
-                    raise ValueError(f"pretrain reads raw text: data.{split}[{i}].format is {ds.format!r}; "
-                                     "use format: text or method: sft")
+        for where, ds in self.data.datasets():
+            if ds.format != "text":
+                raise ValueError(f"pretrain reads raw text: {where}.format is {ds.format!r}; "
+                                 "use format: text or method: sft")
         return self
 
 

@@ -38,6 +38,8 @@ RUN_ELSEWHERE = {
     # docs/methods.md: each example is trained by the integration test of its method (a few steps)
     "launch configs/examples/sft_sharegpt.yaml": "test_training.py::test_each_chat_format_example_trains_end_to_end",
     "launch configs/examples/pretrain.yaml": "test_training.py::test_pretrain_on_local_storage_with_eval",
+    "launch configs/examples/pretrain_corpus.yaml": "test_pretrain_corpus.py (replay share, held-out text)",
+    "launch configs/examples/pretrain_stream.yaml": "test_pretrain_corpus.py (streamed, resumed mid-stream)",
     "launch configs/examples/multitask.yaml": "test_multitask.py (one whole epoch of a smaller mixture)",
     "launch configs/examples/transfer.yaml": "test_transfer.py (the child of a quickstart parent on S3)",
     "launch configs/examples/fewshot.yaml": "test_fewshot_run.py (the example as shipped)",

@@ -1,0 +1,54 @@
+"""Continued pre-training on raw text corpora through the real path (Ray Data, Ray Train,
+DeepSpeed): a directory of .txt files with a replay share of a general corpus, and the same
+corpus streamed while it trains, including a resume into the middle of the stream."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import output
+from tests.integration.test_training import assert_ok, run_dir, train_metrics
+from trainers import checkpoint, storage
+
+pytestmark = pytest.mark.integration
+
+
+def test_txt_corpus_with_replay_trains_and_evaluates_on_held_out_text(launch, tmp_path):
+    proc = launch("configs/examples/pretrain_corpus.yaml", f"checkpoint.storage={tmp_path / 'runs'}",
+                  "train.max_steps=10", "train.eval_every=5")
+    assert_ok(proc)
+    log = output(proc)
+    mix = re.search(r"mixture \(replay\): train (\d+) sequences \(80\.0%.*replay (\d+) sequences \(20\.0%; "
+                    r"[\d.]+ passes over its (\d+)\)", log)
+    assert mix, log[-3000:]
+    domain, replayed = int(mix.group(1)), int(mix.group(2))
+    assert replayed == round(0.25 * domain)  # 20% of the mix: 0.2 / 0.8 of the domain's sequences
+    assert re.search(rf"data: {domain + replayed} train sequences of 128 tokens, \d+ eval", log)
+    run = run_dir(proc)
+    rows = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    evals = [m["eval_loss"] for m in rows if "eval_loss" in m]
+    assert len(evals) == 2 and evals[1] < evals[0]
+
+
+def test_streamed_corpus_trains_and_resumes_mid_stream(launch, tmp_path):
+    storage_dir = tmp_path / "runs"
+    first = launch("configs/examples/pretrain_stream.yaml", f"checkpoint.storage={storage_dir}",
+                   "train.max_steps=6", "checkpoint.every_n_steps=3", "train.eval_every=3")
+    assert_ok(first)
+    assert "data: streaming the training data (read, tokenized and packed as it trains" in output(first)
+    run = run_dir(first)
+    assert len(train_metrics(run)) == 6
+    ckpt = checkpoint.complete_checkpoints(run)[-1]
+    assert ckpt.endswith(checkpoint.step_dir_name(6))
+
+    second = launch("configs/examples/pretrain_stream.yaml", f"checkpoint.storage={storage_dir}",
+                    "train.max_steps=9", "checkpoint.every_n_steps=3", "train.eval_every=3",
+                    f"checkpoint.resume={ckpt}")
+    assert_ok(second)
+    assert "starting at step 6/9" in output(second)
+    steps = [m["step"] for m in train_metrics(run_dir(second))]
+    assert steps == list(range(1, 10))
+    assert storage.exists(storage.join(run_dir(second), "model", "config.json"))
