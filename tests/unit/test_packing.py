@@ -261,8 +261,9 @@ class FakeShard:
                 return
             yield {k: v[i:i + batch_size] for k, v in self.rows.items()}
 
-    def iter_batches(self, *, batch_size, batch_format, drop_last, prefetch_batches):
-        assert batch_format == "numpy"
+    def iter_batches(self, *, batch_size, batch_format, drop_last, prefetch_batches, local_shuffle_buffer_size=None,
+                     local_shuffle_seed=None):
+        assert batch_format == "numpy" and local_shuffle_buffer_size is None
         yield from self._batches(batch_size, drop_last)
 
     def iter_torch_batches(self, *, batch_size):
@@ -277,6 +278,20 @@ def test_micro_batches_carry_the_packing_columns(examples):
     (_, micro), = steps
     assert set(micro[0]) == set(rows)
     assert micro[1]["position_ids"].tolist() == rows["position_ids"][2:4].tolist()
+
+
+def test_a_stream_resumes_by_skipping_every_step_since_the_start_pass_by_pass():
+    """steps_per_epoch None (data.streaming): 3 steps per pass over the shard; resuming at
+    step 4 skips one whole pass and one step of the next, then goes on where it left off."""
+    rows = {"input_ids": np.arange(12).reshape(12, 1)}
+    shard = FakeShard(rows)
+    whole = [(s, m[0]["input_ids"].flatten().tolist()) for s, m in data.micro_batches(
+        shard, micro_batch_size=4, grad_accum=1, start_step=0, total_steps=7, steps_per_epoch=None)]
+    assert [s for s, _ in whole] == list(range(7))
+    assert [b for _, b in whole][3] == [0, 1, 2, 3]  # the second pass starts over
+    resumed = [(s, m[0]["input_ids"].flatten().tolist()) for s, m in data.micro_batches(
+        shard, micro_batch_size=4, grad_accum=1, start_step=4, total_steps=7, steps_per_epoch=None)]
+    assert resumed == whole[4:]
 
 
 class FakeEngine:
