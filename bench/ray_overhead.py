@@ -170,7 +170,7 @@ def ray_loop(cfg: dict[str, Any]) -> None:
         shard = ray.train.get_dataset_shard("train")
         batches = data.micro_batches(shard, micro_batch_size=cfg["micro_batch_size"], grad_accum=cfg["grad_accum"],
                                      start_step=0, total_steps=cfg["total_steps"],
-                                     steps_per_epoch=cfg["steps_per_epoch"])
+                                     steps_per_epoch=cfg["steps_per_epoch"], steps_per_fetch=cfg["steps_per_fetch"])
     result = timed_steps(engine, batches, cfg["warmup"], cfg["steps"], cfg["use_gpu"])
     if ctx.get_world_rank() == 0:
         Path(cfg["result_path"]).write_text(json.dumps(result))
@@ -239,6 +239,8 @@ def prepare(args, tmp: Path) -> dict[str, Any]:
         "ds_config": ds_config, "use_gpu": use_gpu, "warmup": args.warmup, "steps": args.steps,
         "total_steps": total_steps, "micro_batch_size": args.micro_batch_size, "grad_accum": args.grad_accum,
         "steps_per_epoch": per_epoch,
+        # what trainers/loop.py fetches at once from its shard
+        "steps_per_fetch": data.fetch_steps(rows_per_step, args.seq_len, per_epoch),
     }
     info = {
         "model": model_note, "parameters": _parameters(model_dir), "device": "cuda" if use_gpu else "cpu",
@@ -247,6 +249,7 @@ def prepare(args, tmp: Path) -> dict[str, Any]:
         "rows_per_step_per_worker": rows_per_step, "warmup": args.warmup, "steps": args.steps,
         "packed_rows": n_packed, "rows_used": len(order), "copies_of_data": copies,
         "steps_per_epoch": per_epoch, "epochs_in_run": round(total_steps / per_epoch, 2),
+        "steps_per_fetch": cfg["steps_per_fetch"],
         "tokens_per_step": int(arrays["attention_mask"][: workers * rows_per_step].sum()),
         "ds_config": ds_config,
     }

@@ -566,38 +566,60 @@ def attn_implementation(model) -> str | None:
 
 
 def micro_batches(shard, *, micro_batch_size: int, grad_accum: int, start_step: int, total_steps: int,
-                  steps_per_epoch: int | None, shuffle_buffer: int | None = None,
-                  seed: int = 0) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+                  steps_per_epoch: int | None, shuffle_buffer: int | None = None, seed: int = 0,
+                  steps_per_fetch: int = 1) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """(step, [micro-batch dicts of torch tensors] * grad_accum) from `start_step` on.
 
-    One optimizer step's rows are fetched at once and sliced here: Ray Data formats
-    batches in threads of this process, so fewer, larger fetches cost less per step.
+    Rows are fetched `steps_per_fetch` optimizer steps at a time and sliced here: Ray Data
+    formats batches in threads of this process, so a few large fetches per epoch cost far
+    less per step than one per step (see `fetch_steps`).
     A resumed run skips what it already trained on: the steps of the epoch so far or, for a
     stream (`steps_per_epoch` None: not counted), every step since the start, pass by pass.
     `shuffle_buffer`: rows in a local shuffle buffer (streams are not shuffled globally)."""
-    import torch
-
     step = start_step
     rows_per_step = micro_batch_size * grad_accum
     skip = step % steps_per_epoch if steps_per_epoch else step
     passes = 0
     while step < total_steps:
         trained = skipped = 0
-        batches = shard.iter_batches(batch_size=rows_per_step, batch_format="numpy", drop_last=True,
-                                     prefetch_batches=2, local_shuffle_buffer_size=shuffle_buffer,
-                                     local_shuffle_seed=seed + passes if shuffle_buffer else None)
-        for i, batch in enumerate(batches):
+        for i, rows in enumerate(_step_rows(shard, rows_per_step, steps_per_fetch if steps_per_epoch else 1,
+                                            shuffle_buffer, seed + passes)):
             if skip:
                 skip, skipped = skip - 1, skipped + 1
                 continue
             if (steps_per_epoch and i >= steps_per_epoch) or step >= total_steps:
                 break
-            tensors = {k: torch.from_numpy(np.require(v, requirements='W')) for k, v in batch.items()}
-            yield step, [
-                {k: t[j * micro_batch_size:(j + 1) * micro_batch_size] for k, t in tensors.items()}
-                for j in range(grad_accum)
-            ]
+            yield step, [{k: t[j * micro_batch_size:(j + 1) * micro_batch_size] for k, t in rows.items()}
+                         for j in range(grad_accum)]
             step, trained = step + 1, trained + 1
         passes += 1
         if not trained and not skipped:
             raise RuntimeError(f"dataset shard ran out before step {step}: fewer rows than one optimizer step needs")
+
+
+def _step_rows(shard, rows_per_step: int, steps_per_fetch: int, shuffle_buffer: int | None,
+               seed: int) -> Iterator[dict[str, Any]]:
+    """One pass over the shard as torch tensors of one optimizer step's rows each (a last
+    partial step is dropped, as `steps_per_epoch` counts whole steps)."""
+    import torch
+
+    for chunk in shard.iter_batches(batch_size=rows_per_step * steps_per_fetch, batch_format="numpy",
+                                    drop_last=False, prefetch_batches=1 if steps_per_fetch > 1 else 2,
+                                    local_shuffle_buffer_size=shuffle_buffer,
+                                    local_shuffle_seed=seed if shuffle_buffer else None):
+        tensors = {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in chunk.items()}
+        n = len(next(iter(tensors.values()))) // rows_per_step
+        for c in range(n):
+            yield {k: t[c * rows_per_step:(c + 1) * rows_per_step] for k, t in tensors.items()}
+
+
+FETCH_BYTES = 256 << 20  # rows a worker holds per fetch from its shard (and one more prefetched)
+
+
+def fetch_steps(rows_per_step: int, max_seq_len: int, steps_per_epoch: int | None) -> int:
+    """Optimizer steps per fetch: as many as fit FETCH_BYTES (five int64 columns per
+    token), at most an epoch; one for a stream, whose first fetch would otherwise wait
+    for that much of the corpus to be tokenized."""
+    if not steps_per_epoch:
+        return 1
+    return max(1, min(steps_per_epoch, FETCH_BYTES // (rows_per_step * max_seq_len * 5 * 8)))

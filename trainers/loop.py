@@ -131,7 +131,10 @@ def train(s: Session, step_fn: Callable[[Session, list[dict]], StepOut],
     for step, micro in data.micro_batches(s.shard("train"), micro_batch_size=t.micro_batch_size,
                                           grad_accum=spec.grad_accum_steps, start_step=state.step,
                                           total_steps=s.total_steps, steps_per_epoch=s.config["steps_per_epoch"],
-                                          shuffle_buffer=_local_shuffle(spec), seed=t.seed + s.rank):
+                                          shuffle_buffer=_local_shuffle(spec), seed=t.seed + s.rank,
+                                          steps_per_fetch=data.fetch_steps(t.micro_batch_size * spec.grad_accum_steps,
+                                                                           spec.data.max_seq_len,
+                                                                           s.config["steps_per_epoch"])):
         window.add(step_fn(s, micro))
         state.step = step + 1
         state.epoch = step // s.config["steps_per_epoch"] if s.config["steps_per_epoch"] else 0  # a stream: uncounted

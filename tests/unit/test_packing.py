@@ -294,6 +294,19 @@ def test_a_stream_resumes_by_skipping_every_step_since_the_start_pass_by_pass():
     assert resumed == whole[4:]
 
 
+@pytest.mark.parametrize("start", [0, 2, 5])
+def test_fetching_several_steps_at_once_gives_the_same_steps(start):
+    rows = {"input_ids": np.arange(26).reshape(26, 1), "labels": np.arange(26).reshape(26, 1) + 100}
+    def steps(per_fetch):
+        return [(s, [{k: v.tolist() for k, v in m.items()} for m in micro]) for s, micro in data.micro_batches(
+            FakeShard(rows), micro_batch_size=2, grad_accum=2, start_step=start, total_steps=9, steps_per_epoch=6,
+            steps_per_fetch=per_fetch)]
+    assert steps(4) == steps(1) and [s for s, _ in steps(4)] == list(range(start, 9))
+    assert data.fetch_steps(rows_per_step=16, max_seq_len=2048, steps_per_epoch=10_000) == 204
+    assert data.fetch_steps(rows_per_step=16, max_seq_len=128, steps_per_epoch=30) == 30
+    assert data.fetch_steps(rows_per_step=16, max_seq_len=128, steps_per_epoch=None) == 1
+
+
 class FakeEngine:
     """What evaluate() uses of a DeepSpeed engine."""
 
