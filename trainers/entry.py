@@ -277,7 +277,8 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run, "total_steps": total_steps,
                            "steps_per_epoch": per_epoch, "resume_from": resume_from,
                            "datasets": sorted(datasets), "trial": trial,
-                           "tasks": {name: m["share"] for name, m in prepared.mixture.items()}},
+                           "tasks": ({name: m["share"] for name, m in prepared.mixture.items()}
+                                     if spec.method == "multitask" else {})},
         scaling_config=ScalingConfig(num_workers=spec.resources.workers, use_gpu=bool(gpus),
                                      resources_per_worker=resources, accelerator_type=spec.resources.accelerator_type),
         # Ray wants `bucket/prefix` with the filesystem, not `s3://bucket/prefix`.

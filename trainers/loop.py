@@ -158,7 +158,8 @@ def train(s: Session, step_fn: Callable[[Session, list[dict]], StepOut],
                 if m["step"] == state.step:
                     latest.update(m)
             if stop:
-                latest["stopped_early"] = True
+                best = state.early_stopping
+                latest.update(stopped_early=True, best_step=best["best_step"], best_value=best["best"])
             if save_now:
                 if window.counts:  # counts since the last log line must not be lost on resume
                     window.reduce_counts(s.device, state)

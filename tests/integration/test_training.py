@@ -161,6 +161,7 @@ def test_early_stopping_ends_the_run_with_a_checkpoint_and_a_model(launch, tmp_p
     assert [c.rsplit("/", 1)[-1] for c in checkpoint.complete_checkpoints(run)] == [checkpoint.step_dir_name(2)]
     result = json.loads(storage.read_text(storage.join(run, checkpoint.RESULT)))
     assert result["status"] == "completed" and result["metrics"]["stopped_early"] is True
+    assert result["metrics"]["best_step"] == 0 and result["metrics"]["best_value"] == rows[0]["eval_loss"]
     assert storage.exists(storage.join(run, "model", "config.json"))
 
 
