@@ -410,7 +410,13 @@ def _prepare_stream(spec: AnyRun, bad) -> Prepared:
     while the workers train (Ray Train splits it with streaming_split); nothing is counted or
     shuffled globally up front. Eval data is small and prepared as usual. Skipped rows are
     counted as the stream goes (`Prepared.bad_row_counter`) and reported after the run."""
+    from ray.data import DataContext, ExecutionResources
+
     d = spec.data
+    if d.stream_memory_mb:
+        # Ray Train's ingest takes the driver's limits (DataConfig.default_ingest_options).
+        DataContext.get_current().execution_options.resource_limits = ExecutionResources.for_limits(
+            object_store_memory=d.stream_memory_mb << 20)
     train = _tokenized(spec, [(f"data.train[{i}]", ds) for i, ds in enumerate(d.train)], bad)
     evaluation = None
     if d.eval:

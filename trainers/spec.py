@@ -179,6 +179,9 @@ class DataSpec(Strict):
     `train.max_steps` (the rows are not counted up front) and `data.eval` rather than
     `eval_fraction`; shuffling is then local (`shuffle_buffer`), and a resumed run reads the
     stream again up to where it was."""
+    stream_memory_mb: int | None = Field(None, gt=0)
+    """With `streaming`: object store memory (MB) the stream may hold at once, read ahead of
+    the workers (Ray Data's resource limit). Default: Ray Data's share of the cluster's."""
     shuffle_buffer: int = Field(1000, gt=0)
     """Rows in each worker's local shuffle buffer when `streaming` (and `shuffle`)."""
     replay: list[DatasetSpec] = []

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.conftest import output
+from tests.conftest import REPO, output
 from tests.integration.test_training import assert_ok, run_dir, train_metrics
 from trainers import checkpoint, storage
 
@@ -33,10 +33,25 @@ def test_txt_corpus_with_replay_trains_and_evaluates_on_held_out_text(launch, tm
     assert len(evals) == 2 and evals[1] < evals[0]
 
 
+def big_corpus(directory, files: int, mb_per_file: float) -> int:
+    """`files` .txt files of the shipped corpus's documents repeated to about `mb_per_file` MB each."""
+    directory.mkdir()
+    text = "".join(p.read_text() + "\n" for p in sorted((REPO / "configs/examples/data/corpus").glob("*.txt")))
+    copies = max(1, int(mb_per_file * 2**20 / len(text.encode())))
+    for i in range(files):
+        (directory / f"part-{i:03d}.txt").write_text(text * copies)
+    return sum(p.stat().st_size for p in directory.iterdir())
+
+
 def test_streamed_corpus_trains_and_resumes_mid_stream(launch, tmp_path):
+    """The corpus is 6x the memory the stream may hold (data.stream_memory_mb): the run
+    trains from it without ever preparing it whole, then resumes mid-stream."""
     storage_dir = tmp_path / "runs"
-    first = launch("configs/examples/pretrain_stream.yaml", f"checkpoint.storage={storage_dir}",
-                   "train.max_steps=6", "checkpoint.every_n_steps=3", "train.eval_every=3")
+    size = big_corpus(tmp_path / "corpus", files=12, mb_per_file=2)
+    assert size > 6 * 4 * 2**20
+    options = [f"data.train[0].path={tmp_path / 'corpus'}", "data.stream_memory_mb=4",
+               f"checkpoint.storage={storage_dir}", "checkpoint.every_n_steps=3", "train.eval_every=3"]
+    first = launch("configs/examples/pretrain_stream.yaml", *options, "train.max_steps=6")
     assert_ok(first)
     assert "data: streaming the training data (read, tokenized and packed as it trains" in output(first)
     run = run_dir(first)
@@ -44,9 +59,7 @@ def test_streamed_corpus_trains_and_resumes_mid_stream(launch, tmp_path):
     ckpt = checkpoint.complete_checkpoints(run)[-1]
     assert ckpt.endswith(checkpoint.step_dir_name(6))
 
-    second = launch("configs/examples/pretrain_stream.yaml", f"checkpoint.storage={storage_dir}",
-                    "train.max_steps=9", "checkpoint.every_n_steps=3", "train.eval_every=3",
-                    f"checkpoint.resume={ckpt}")
+    second = launch("configs/examples/pretrain_stream.yaml", *options, "train.max_steps=9", f"checkpoint.resume={ckpt}")
     assert_ok(second)
     assert "starting at step 6/9" in output(second)
     steps = [m["step"] for m in train_metrics(run_dir(second))]
