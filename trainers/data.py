@@ -573,7 +573,7 @@ def attn_implementation(model) -> str | None:
 
 def micro_batches(shard, *, micro_batch_size: int, grad_accum: int, start_step: int, total_steps: int,
                   steps_per_epoch: int | None, shuffle_buffer: int | None = None, seed: int = 0,
-                  steps_per_fetch: int = 1) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+                  steps_per_fetch: int = 1, collate=None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """(step, [micro-batch dicts of torch tensors] * grad_accum) from `start_step` on.
 
     Rows are fetched `steps_per_fetch` optimizer steps at a time and sliced here: Ray Data
@@ -581,7 +581,9 @@ def micro_batches(shard, *, micro_batch_size: int, grad_accum: int, start_step: 
     less per step than one per step (see `fetch_steps`).
     A resumed run skips what it already trained on: the steps of the epoch so far or, for a
     stream (`steps_per_epoch` None: not counted), every step since the start, pass by pass.
-    `shuffle_buffer`: rows in a local shuffle buffer (streams are not shuffled globally)."""
+    `shuffle_buffer`: rows in a local shuffle buffer (streams are not shuffled globally).
+    `collate`: rows of variable length (preference pairs) become a micro-batch's tensors
+    here, padded to the longest in it, instead of being sliced from fixed-length rows."""
     step = start_step
     rows_per_step = micro_batch_size * grad_accum
     skip = step % steps_per_epoch if steps_per_epoch else step
@@ -589,14 +591,15 @@ def micro_batches(shard, *, micro_batch_size: int, grad_accum: int, start_step: 
     while step < total_steps:
         trained = skipped = 0
         for i, rows in enumerate(_step_rows(shard, rows_per_step, steps_per_fetch if steps_per_epoch else 1,
-                                            shuffle_buffer, seed + passes)):
+                                            shuffle_buffer, seed + passes, as_tensors=collate is None)):
             if skip:
                 skip, skipped = skip - 1, skipped + 1
                 continue
             if (steps_per_epoch and i >= steps_per_epoch) or step >= total_steps:
                 break
-            yield step, [{k: t[j * micro_batch_size:(j + 1) * micro_batch_size] for k, t in rows.items()}
-                         for j in range(grad_accum)]
+            micro = [{k: t[j * micro_batch_size:(j + 1) * micro_batch_size] for k, t in rows.items()}
+                     for j in range(grad_accum)]
+            yield step, micro if collate is None else [collate(m) for m in micro]
             step, trained = step + 1, trained + 1
         passes += 1
         if not trained and not skipped:
@@ -604,16 +607,18 @@ def micro_batches(shard, *, micro_batch_size: int, grad_accum: int, start_step: 
 
 
 def _step_rows(shard, rows_per_step: int, steps_per_fetch: int, shuffle_buffer: int | None,
-               seed: int) -> Iterator[dict[str, Any]]:
-    """One pass over the shard as torch tensors of one optimizer step's rows each (a last
-    partial step is dropped, as `steps_per_epoch` counts whole steps)."""
+               seed: int, as_tensors: bool = True) -> Iterator[dict[str, Any]]:
+    """One pass over the shard as torch tensors (or the numpy columns, for a collate) of one
+    optimizer step's rows each (a last partial step is dropped, as `steps_per_epoch` counts
+    whole steps)."""
     import torch
 
     for chunk in shard.iter_batches(batch_size=rows_per_step * steps_per_fetch, batch_format="numpy",
                                     drop_last=False, prefetch_batches=1 if steps_per_fetch > 1 else 2,
                                     local_shuffle_buffer_size=shuffle_buffer,
                                     local_shuffle_seed=seed if shuffle_buffer else None):
-        tensors = {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in chunk.items()}
+        tensors = ({k: torch.from_numpy(np.require(v, requirements="W")) for k, v in chunk.items()}
+                   if as_tensors else chunk)
         n = len(next(iter(tensors.values()))) // rows_per_step
         for c in range(n):
             yield {k: t[c * rows_per_step:(c + 1) * rows_per_step] for k, t in tensors.items()}
