@@ -183,7 +183,8 @@ def restore(engine, ckpt_uri: str | None, lora: bool) -> TrainState | None:
 
 # ---------------------------------------------------------------- export
 
-def export(engine, tokenizer, run: str, base_model_dir: str, dtype, lora: bool) -> None:
+def export(engine, tokenizer, run: str, base_model_dir: str, dtype, lora: bool, auto_class=None,
+           load_kwargs: dict[str, Any] | None = None) -> None:
     """Write a Hugging Face model to `<run>/model/` (and the LoRA adapter to `<run>/adapter/`).
 
     Called on every rank: with ZeRO-3 the weights are gathered from all of them."""
@@ -197,7 +198,7 @@ def export(engine, tokenizer, run: str, base_model_dir: str, dtype, lora: bool) 
             if lora:
                 engine.module.save_pretrained(adapter_dir, state_dict=state_dict)
                 tokenizer.save_pretrained(adapter_dir)
-                _merge_adapter(base_model_dir, adapter_dir, model_dir, dtype)
+                _merge_adapter(base_model_dir, adapter_dir, model_dir, dtype, auto_class, load_kwargs)
                 storage.upload_dir(adapter_dir, storage.join(run, "adapter"))
             else:
                 engine.module.save_pretrained(model_dir, state_dict=state_dict)
@@ -206,13 +207,16 @@ def export(engine, tokenizer, run: str, base_model_dir: str, dtype, lora: bool) 
     dist.barrier()
 
 
-def _merge_adapter(base_model_dir: str, adapter_dir: str, out_dir: str, dtype) -> None:
+def _merge_adapter(base_model_dir: str, adapter_dir: str, out_dir: str, dtype, auto_class=None,
+                   load_kwargs: dict[str, Any] | None = None) -> None:
     """Base weights + adapter -> one plain model, on CPU, from the files just written: the
-    same path a user would take, and independent of how ZeRO partitioned training."""
+    same path a user would take, and independent of how ZeRO partitioned training.
+    `auto_class` and `load_kwargs`: how the base was loaded for training (a reward model's
+    scalar head: AutoModelForSequenceClassification, num_labels=1, its pad token)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
+    base = (auto_class or AutoModelForCausalLM).from_pretrained(base_model_dir, dtype=dtype, **(load_kwargs or {}))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
 

@@ -98,7 +98,7 @@ def setup(config: dict[str, Any], *, load_model: Callable = models.load_model) -
     ds_config = deepspeed_config(spec, use_gpu=use_gpu, total_steps=config["total_steps"],
                                  hidden_size=_hidden_size(model_dir, spec.model.trust_remote_code))
     init_distributed()
-    model = load_model(spec, model_dir, dtype, ds_config)
+    model = load_model(spec, model_dir, dtype, ds_config, pad_token_id=tokenizer.pad_token_id)
     engine = build_engine(model, spec, ds_config, config["total_steps"])
     trainable, total = models.parameter_counts(engine.module)
     state = checkpoint.restore(engine, config.get("resume_from"), spec.model.peft is not None)
@@ -184,7 +184,10 @@ def export(s: Session) -> None:
     """The trained model in Hugging Face format at `<run>/model` (LoRA: merged, and the adapter)."""
     import torch.distributed as dist
 
-    checkpoint.export(s.engine, s.tokenizer, s.run, s.model_dir, models.torch_dtype(s.dtype), s.lora)
+    reward = s.spec.method == "reward"
+    checkpoint.export(s.engine, s.tokenizer, s.run, s.model_dir, models.torch_dtype(s.dtype), s.lora,
+                      auto_class=models.model_class(s.spec),
+                      load_kwargs={"num_labels": 1, "pad_token_id": s.tokenizer.pad_token_id} if reward else None)
     if s.rank == 0:
         print(f"model exported to {s.run}/model", flush=True)
     dist.barrier()

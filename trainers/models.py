@@ -60,9 +60,17 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, Any]):
-    """The model ready for `deepspeed.initialize`: LoRA-wrapped or with frozen parameters."""
-    from transformers import AutoModelForCausalLM
+def model_class(spec: AnyRun):
+    """The transformers auto class a method trains: a causal LM, or for `reward` the same
+    backbone with a scalar head (`AutoModelForSequenceClassification`, one label)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if spec.method == "reward" else AutoModelForCausalLM
+
+
+def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, Any], *, pad_token_id: int | None = None):
+    """The model ready for `deepspeed.initialize`: LoRA-wrapped or with frozen parameters.
+    A reward model's head reads the score at the last token that is not `pad_token_id`."""
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     # With ZeRO-3 this makes from_pretrained build the model already partitioned over
@@ -71,11 +79,14 @@ def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, An
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     _keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
     quantize = spec.model.peft is not None and spec.model.peft.quantize == "4bit"
-    model = AutoModelForCausalLM.from_pretrained(
+    reward = spec.method == "reward"
+    model = model_class(spec).from_pretrained(
         model_dir, dtype=torch_dtype(dtype), trust_remote_code=spec.model.trust_remote_code,
-        **(_4bit_kwargs(dtype) if quantize else {}),
+        **(_4bit_kwargs(dtype) if quantize else {}), **({"num_labels": 1} if reward else {}),
     )
     model.config.use_cache = False
+    if reward:
+        model.config.pad_token_id = pad_token_id
     if quantize:
         _prepare_4bit(model)
     if spec.model.peft is not None:
@@ -84,7 +95,7 @@ def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, An
         p = spec.model.peft
         model = get_peft_model(model, LoraConfig(
             r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules,
-            task_type="CAUSAL_LM",
+            task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS: the new head trains in full
         ))
     for pattern in spec.model.freeze:
         rx = re.compile(pattern)

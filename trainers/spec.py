@@ -608,9 +608,70 @@ class PretrainRun(_RunBase):
         return self
 
 
-AnyRun = Union[SftRun, PretrainRun, MultitaskRun]
+class _PreferenceRun(_RunBase):
+    """A method that learns from comparisons: its datasets are `preference` (or `ranking`) rows."""
+
+    _formats: tuple[str, ...] = ("preference",)
+
+    @model_validator(mode="after")
+    def _comparison_data(self) -> "_PreferenceRun":
+        for where, ds in self.data.datasets():
+            if ds.format not in self._formats:
+                raise ValueError(f"{self.method} learns from comparisons: {where}.format is {ds.format!r}; use "
+                                 + " or ".join(self._formats))
+        if self.data.streaming:
+            raise ValueError(f"data.streaming is for sft/pretrain corpora; {self.method} prepares its pairs up front")
+        return self
+
+
+class RewardSpec(Strict):
+    """Reward modeling: a scalar head scored at each sequence's last token."""
+
+    center_coefficient: float | None = Field(None, ge=0)
+    """Weight of TRL's reward-centring term, coefficient x mean((r_chosen + r_rejected)^2)
+    (Eisenstein et al. 2023): keeps rewards near zero. Omit to leave it out."""
+
+
+class RewardRun(_PreferenceRun):
+    """Reward modeling (Bradley-Terry on preference pairs) and comparative ranking (all
+    ordered pairs of K ranked responses, InstructGPT)."""
+
+    method: Literal["reward"]
+    """Training method."""
+    reward: RewardSpec = RewardSpec()
+    """The reward loss's options."""
+    _formats = ("preference", "ranking")
+
+
+class DpoSpec(Strict):
+    """Direct preference optimization and its reference-free relative SimPO."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """`sigmoid`: DPO (Rafailov et al. 2023), with `label_smoothing` (conservative DPO);
+    `ipo`: IPO (Azar et al. 2023), on length-normalised log-ratios as TRL computes it;
+    `simpo`: SimPO (Meng et al. 2024), length-normalised log-probs, no reference model."""
+    beta: float = Field(0.1, gt=0)
+    """Inverse temperature: how far the policy may move from the reference."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Probability that a pair's preference is flipped (sigmoid and simpo)."""
+    gamma: float = Field(0.5, ge=0)
+    """SimPO's target reward margin, in reward units (TRL's `simpo_gamma`)."""
+
+
+class DpoRun(_PreferenceRun):
+    """DPO, IPO and SimPO on preference pairs. The reference is the starting model: with
+    LoRA the base with adapters disabled (no second copy), with full fine-tuning a frozen
+    copy under the same ZeRO stage; SimPO needs none."""
+
+    method: Literal["dpo"]
+    """Training method."""
+    dpo: DpoSpec = DpoSpec()
+    """The preference loss and its coefficients."""
+
+
+AnyRun = Union[SftRun, PretrainRun, MultitaskRun, RewardRun, DpoRun]
 RunSpec = Annotated[AnyRun, Field(discriminator="method")]
-METHODS = ("sft", "pretrain", "multitask")
+METHODS = ("sft", "pretrain", "multitask", "reward", "dpo")
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(RunSpec)
 
