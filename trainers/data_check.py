@@ -68,6 +68,8 @@ def row_problem(row: Any, ds: DatasetSpec) -> str | None:
         return _sharegpt_problem(row, ds)
     if ds.format == "prompt_completion":
         return _prompt_completion_problem(row, ds)
+    if ds.format in ("preference", "ranking"):
+        return _preference_problem(row, ds) if ds.format == "preference" else _ranking_problem(row, ds)
     if problem := _field_problem(row, ds.messages_field, list, "messages_field"):
         return problem
     return _conversation_problem(row[ds.messages_field], ds.messages_field)
@@ -136,6 +138,124 @@ def _prompt_completion_problem(row: dict[str, Any], ds: DatasetSpec) -> str | No
         return _conversation_problem(completion, c)
     return (f"fields `{p}` and `{c}` must both be strings or both be lists of chat turns; got "
             f"{_type(prompt)} and {_type(completion)}")
+
+
+def _preference_problem(row: dict[str, Any], ds: DatasetSpec) -> str | None:
+    c, r = ds.chosen_field, ds.rejected_field
+    for key, option in ((c, "chosen_field"), (r, "rejected_field")):
+        if _missing(row, key):
+            return _field_problem(row, key, object, option, guess=False)
+    return _responses_problem(row, ds, [c, r], [row[c], row[r]], [1.0, 0.0]) or _margin_problem(row, ds)
+
+
+def _ranking_problem(row: dict[str, Any], ds: DatasetSpec) -> str | None:
+    f, rk, sc = ds.responses_field, ds.ranking_field, ds.scores_field
+    if problem := _field_problem(row, f, list, "responses_field", guess=False):
+        return problem
+    responses, k = row[f], len(row[f])
+    if k < 2:
+        return f"field `{f}` has {k} response{'' if k == 1 else 's'}: a ranking needs at least 2"
+    if _missing(row, rk) and _missing(row, sc):
+        have = ", ".join(f"`{key}`" for key, v in row.items() if v is not None)
+        return f"no field `{rk}` or `{sc}`; the row has {have} (name one with `ranking_field` or `scores_field`)"
+    scores = None
+    if not _missing(row, sc):
+        values = row[sc]
+        if not isinstance(values, list):
+            return f"field `{sc}` must be a list of numbers, got {_type(values)}"
+        if len(values) != k:
+            return f"field `{sc}` has {len(values)} scores for {k} responses"
+        for i, x in enumerate(values):
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or x != x:
+                return f"`{sc}[{i}]` must be a number, got {'NaN' if x != x else _type(x)}"
+        if len(set(values)) == 1:
+            return f"field `{sc}` gives every response the same score: no preference to learn"
+        scores = [float(x) for x in values]
+    if not _missing(row, rk):
+        ranking = row[rk]
+        indices = isinstance(ranking, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
+        if not indices or sorted(ranking) != list(range(k)):
+            one_based = indices and sorted(ranking) == list(range(1, k + 1))
+            return (f"field `{rk}` must list each response index 0..{k - 1} once, best first; got "
+                    f"{json.dumps(ranking) if isinstance(ranking, list) else _type(ranking)}"
+                    f"{' (indices count from 0)' if one_based else ''}")
+        if scores is not None:
+            for a, b in zip(ranking, ranking[1:]):
+                if scores[a] < scores[b]:
+                    return (f"fields `{rk}` and `{sc}` disagree: `{rk}` puts response {a} before {b}, which "
+                            f"`{sc}` scores higher")
+        else:
+            scores = [0.0] * k
+            for position, i in enumerate(ranking):
+                scores[i] = float(k - 1 - position)
+    names = [f"{f}[{i}]" for i in range(k)]
+    return _responses_problem(row, ds, names, responses, scores) or _margin_problem(row, ds)
+
+
+def _responses_problem(row: dict[str, Any], ds: DatasetSpec, names: list[str], values: list[Any],
+                       scores: list[float]) -> str | None:
+    """The responses of a preference or ranking row (`names` their fields), its prompt, and
+    when the prompt is implicit, the one they share."""
+    for name, value in zip(names, values):
+        if isinstance(value, str):
+            if not value:
+                return f"field `{name}` is an empty response"
+        elif isinstance(value, list):
+            if problem := _conversation_problem(value, name):
+                return problem
+        else:
+            return f"field `{name}` must be a string or a list of chat turns, got {_type(value)}"
+    strings = [isinstance(v, str) for v in values]
+    if not all(s == strings[0] for s in strings):
+        other = strings.index(not strings[0])
+        return (f"fields `{names[0]}` and `{names[other]}` must both be strings or both be lists of chat turns; "
+                f"got {_type(values[0])} and {_type(values[other])}")
+    same = [v if isinstance(v, str) else [(m["role"], m["content"]) for m in v] for v in values]
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            if same[i] == same[j] and scores[i] != scores[j]:
+                return (f"fields `{names[i]}` and `{names[j]}` are identical: "
+                        + ("no preference to learn" if ds.format == "preference" else "they cannot rank apart"))
+    p, prompt = ds.prompt_field, row.get(ds.prompt_field)
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        return f"field `{p}` must be a string or a list of chat turns, got {_type(prompt)}"
+    if isinstance(prompt, list) and strings[0]:
+        return f"field `{p}` is a list of chat turns but the responses are strings: make them all one or the other"
+    if isinstance(prompt, list):
+        if prompt and (problem := _conversation_problem(prompt, p, needs_assistant=False)):
+            return problem
+        for name, value in zip(names, values):
+            if value[0]["role"] != "assistant":
+                return (f"`{name}[0]` is a {value[0]['role']} turn: a response starts with the assistant's reply "
+                        f"(the turns before it belong in `{p}`)")
+        return None
+    if isinstance(prompt, str) and strings[0]:
+        return None
+    # No prompt, or a string one beside whole conversations: the prompt is what they share (as TRL reads them).
+    from trainers.preference_data import split_responses
+
+    what = f"fields `{names[0]}` and `{names[1]}`" if len(names) == 2 else f"the responses in `{ds.responses_field}`"
+    try:
+        _, rests = split_responses(values, what)
+    except ValueError as e:
+        return str(e)
+    for name, rest in zip(names, rests):
+        if not rest:
+            return (f"field `{name}` is all prompt: nothing follows the beginning the responses share (with no "
+                    f"`{p}` field, that beginning is the prompt)")
+    return None
+
+
+def _margin_problem(row: dict[str, Any], ds: DatasetSpec) -> str | None:
+    m = ds.margin_field
+    if m is None:
+        return None
+    if _missing(row, m):
+        return _field_problem(row, m, object, "margin_field", guess=False)
+    x = row[m]
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or x != x:
+        return f"field `{m}` must be a number, got {'NaN' if x != x else _type(x)}"
+    return None
 
 
 def is_conversational(row: Any, ds: DatasetSpec) -> bool:

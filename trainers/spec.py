@@ -100,11 +100,15 @@ BUILTIN_CHAT_TEMPLATES = ("chatml", "llama3")  # their text: trainers.chat_templ
 class DatasetSpec(Strict):
     path: str = Field(min_length=1)
     """A `.jsonl`/`.json`/`.parquet` file or directory, local or `s3://`, or a hub dataset id."""
-    format: Literal["text", "alpaca", "messages", "sharegpt", "prompt_completion"] = "text"
+    format: Literal["text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "ranking"] = "text"
     """`text`: raw text (`text_field`); `alpaca`: instruction/input/output; `messages`: chat turns;
     `sharegpt`: `{from, value}` turns (`conversations_field`, `roles`); `prompt_completion`: a
     `prompt` and a `completion`, both strings or both lists of chat turns (TRL's convention),
-    trained on the completion only."""
+    trained on the completion only; `preference`: a `prompt`, a `chosen` and a `rejected`
+    response, strings or lists of chat turns, or without `prompt` two whole conversations whose
+    shared beginning is the prompt (Anthropic HH's `\\n\\nHuman: ... \\n\\nAssistant:` text too);
+    `ranking`: a `prompt` and its `responses`, ordered by `ranking` (response indices, best
+    first) or `scores` (higher is better, ties allowed)."""
     text_field: str = "text"
     """Column holding raw text (format `text`)."""
     messages_field: str = "messages"
@@ -116,7 +120,7 @@ class DatasetSpec(Strict):
     """ShareGPT `from` names and the chat roles they stand for (format `sharegpt`); a turn
     whose `from` is not listed is an error naming its file and line."""
     prompt_field: str = "prompt"
-    """Column holding the prompt (format `prompt_completion`)."""
+    """Column holding the prompt (formats `prompt_completion`, `preference`, `ranking`)."""
     completion_field: str = "completion"
     """Column holding the completion (format `prompt_completion`)."""
     loss_on: Literal["assistant", "last_turn", "all"] | None = None
@@ -129,6 +133,19 @@ class DatasetSpec(Strict):
     trains the completion and EOS under both."""
     split: str = "train"
     """Split to read when `path` is a hub dataset id."""
+    chosen_field: str = "chosen"
+    """Column holding the preferred response (format `preference`)."""
+    rejected_field: str = "rejected"
+    """Column holding the dispreferred response (format `preference`)."""
+    responses_field: str = "responses"
+    """Column holding the list of responses to one prompt (format `ranking`)."""
+    ranking_field: str = "ranking"
+    """Column holding the response indices from best to worst (format `ranking`)."""
+    scores_field: str = "scores"
+    """Column holding one score per response, higher is better, ties allowed (format `ranking`)."""
+    margin_field: str | None = None
+    """Column holding the margin a row's better response should win by, for reward modeling
+    (formats `preference`, `ranking`: every pair of the row); none when unset."""
 
     @field_validator("loss_on")
     @classmethod
