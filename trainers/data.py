@@ -19,6 +19,7 @@ from trainers import chat_templates, data_check
 from trainers.spec import AnyRun, DatasetSpec
 
 IGNORE = -100
+COMPARISON_FORMATS = ("preference", "ranking")  # rows of a prompt and its ranked responses, not sequences
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
     "Write a response that appropriately completes the request.\n\n"
@@ -262,28 +263,40 @@ def _tokenize_batch(batch, *, ds: DatasetSpec, where: str, model_path: str, trus
                     packing: bool, chat_template: str | None = None, bad_rows=None):
     """Format, tokenize and pack a batch of raw rows. A bad row fails the task, or with
     `bad_rows` (data.on_bad_rows: skip; a BadRows actor) is left out and counted there."""
+    from trainers import preference_data  # it builds on this module's chat tokenization
+
     tok = _tokenizer(model_path, trust_remote_code, chat_template)
+    comparisons = ds.format in COMPARISON_FORMATS
+    check = (lambda r: preference_data.checked(r, ds, tok)) if comparisons else (lambda r: _formatted(r, ds, tok))
     examples, skipped = [], 0
     for row in batch.to_pylist():
-        example, problem = _formatted(row, ds, tok)
+        example, problem = check(row)
         if problem and bad_rows is not None:
             skipped += 1
             continue
         if problem:
             # Only on failure: find the file and line of the first bad row (a task knows neither).
-            located = data_check.scan(ds, lambda r: _formatted(r, ds, tok)[1])
+            located = data_check.scan(ds, lambda r: check(r)[1])
             raise data_check.DataError(f"{where} (format {ds.format}): {located or f'{ds.path}: a row {problem}'}")
         examples.append(example)
     if skipped:
         import ray
 
         ray.get(bad_rows.add.remote(where, skipped))  # counted before the task's rows are: none is lost
+    if comparisons:  # one row per prompt and its responses, unpacked (see trainers.preference_data)
+        kept = [rec for rec, _ in (preference_data.truncate(r, max_len, tok.bos_token_id) for r in examples)
+                if rec is not None]
+        return preference_data.to_table(kept)
     return pack(examples, max_len, tok.pad_token_id, packing)
 
 
 def bad_row_problem(ds: DatasetSpec, spec: AnyRun):
     """The check a tokenization task makes of a row, for the driver's report of skipped rows."""
+    from trainers import preference_data
+
     tok = _tokenizer(spec.model.path, spec.model.trust_remote_code, spec.data.chat_template)
+    if ds.format in COMPARISON_FORMATS:
+        return lambda row: preference_data.checked(row, ds, tok)[1]
     return lambda row: _formatted(row, ds, tok)[1]
 
 
@@ -450,7 +463,9 @@ def _finish(spec: AnyRun, train, evaluation, **extra) -> Prepared:
     rows = train.count()
     if rows == 0:
         raise ValueError("data.train: no training sequences after tokenization (are the files empty?)")
-    stats = train.map_batches(_count_tokens, batch_format="numpy").sum(["tokens", "loss_tokens"])
+    comparisons = spec.method in ("reward", "dpo")
+    counted = _count_record_tokens if comparisons else _count_tokens
+    stats = train.map_batches(counted, batch_format="pyarrow" if comparisons else "numpy").sum(["tokens", "loss_tokens"])
     tokens, loss_tokens = int(stats["sum(tokens)"]), int(stats["sum(loss_tokens)"])
     return Prepared(
         train=train,
@@ -459,7 +474,7 @@ def _finish(spec: AnyRun, train, evaluation, **extra) -> Prepared:
         eval_rows=sum(ds.count() for ds in [evaluation, *extra.get("task_evals", {}).values()] if ds is not None),
         tokens=tokens,
         loss_tokens=loss_tokens,
-        packing_efficiency=tokens / (rows * spec.data.max_seq_len),
+        packing_efficiency=None if comparisons else tokens / (rows * spec.data.max_seq_len),
         **extra,
     )
 
@@ -524,6 +539,26 @@ def _prepare_mixture(spec, bad) -> Prepared:
     return _finish(spec, mixture[0].union(*mixture[1:]), None, task_evals=evals,
                    mixture={name: {"share": shares[name], "rows": rows[name], "sequences": sizes[name]}
                             for name in names})
+
+
+def _count_record_tokens(table) -> dict[str, np.ndarray]:
+    from trainers import preference_data
+
+    sizes = [preference_data.record_sizes(r) for r in preference_data.from_table(table)]
+    return {"tokens": np.array([t for _, t, _ in sizes], dtype=np.int64),
+            "loss_tokens": np.array([n for _, _, n in sizes], dtype=np.int64)}
+
+
+def collate_comparisons(columns: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
+    """A micro-batch of preference/ranking rows (numpy columns of a fetch) as torch tensors:
+    every response of a prompt in the same micro-batch, padded to the longest in it."""
+    import torch
+
+    from trainers import preference_data
+
+    n = len(columns["prompt"])
+    records = [preference_data.from_row({k: v[i] for k, v in columns.items()}) for i in range(n)]
+    return {k: torch.from_numpy(v) for k, v in preference_data.collate(records, pad_id).items()}
 
 
 def _count_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -262,7 +262,14 @@ def is_conversational(row: Any, ds: DatasetSpec) -> bool:
     """Whether a (valid) row is rendered with a chat template."""
     if ds.format in ("messages", "sharegpt"):
         return True
-    return ds.format == "prompt_completion" and isinstance(row, dict) and isinstance(row.get(ds.prompt_field), list)
+    if not isinstance(row, dict):
+        return False
+    if ds.format == "preference":
+        return any(isinstance(row.get(f), list) for f in (ds.prompt_field, ds.chosen_field))
+    if ds.format == "ranking":
+        responses = row.get(ds.responses_field)
+        return isinstance(row.get(ds.prompt_field), list) or bool(responses) and isinstance(responses[0], list)
+    return ds.format == "prompt_completion" and isinstance(row.get(ds.prompt_field), list)
 
 
 def _field_problem(row: dict[str, Any], key: str, kind: type, option: str | None = None, *,
@@ -481,7 +488,7 @@ def is_chat_data(ds: DatasetSpec) -> bool | None:
 
     if ds.format in ("messages", "sharegpt"):
         return True
-    if ds.format != "prompt_completion":
+    if ds.format not in ("prompt_completion", "preference", "ranking"):
         return False
     try:
         files = data_files(ds.path)

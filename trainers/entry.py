@@ -87,9 +87,14 @@ def prepare_run(spec: AnyRun, label: str = "") -> tuple[data.Prepared, int, int]
         print(f"data{label}: streaming the training data (read, tokenized and packed as it trains; not counted up "
               f"front), {prepared.eval_rows} eval sequences prepared in {time.perf_counter() - t0:.1f}s", flush=True)
         return prepared, None, spec.train.max_steps
-    print(f"data{label}: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} "
-          f"eval; packing efficiency {prepared.packing_efficiency:.1%} (non-pad tokens), "
-          f"{prepared.loss_tokens:,} loss tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+    if prepared.packing_efficiency is None:  # comparisons: a prompt and its responses per row, unpacked
+        print(f"data{label}: {prepared.rows} train prompts with their ranked responses (at most "
+              f"{spec.data.max_seq_len} tokens each), {prepared.eval_rows} eval; {prepared.tokens:,} tokens, "
+              f"{prepared.loss_tokens:,} response tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+    else:
+        print(f"data{label}: {prepared.rows} train sequences of {spec.data.max_seq_len} tokens, {prepared.eval_rows} "
+              f"eval; packing efficiency {prepared.packing_efficiency:.1%} (non-pad tokens), "
+              f"{prepared.loss_tokens:,} loss tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
     if prepared.mixture:
         print(f"mixture{label} ({getattr(spec.data, 'mixing', 'replay')}): " + ", ".join(
             f"{name} {m['rows']} sequences ({m['share']:.1%}; {m['rows'] / m['sequences']:.2f} passes over its "

@@ -38,6 +38,7 @@ class Session:
     state: checkpoint.TrainState
     tags: dict[str, Any]  # {"trial": id} in a search: on every metrics line
     shards: dict[str, Any] = field(default_factory=dict)
+    ds_config: dict[str, Any] = field(default_factory=dict)  # the DeepSpeed config the engine was built with
 
     @property
     def run(self) -> str:
@@ -111,14 +112,16 @@ def setup(config: dict[str, Any], *, load_model: Callable = models.load_model) -
               f"{ds_config['zero_optimization']['stage']}; {dtype}; starting at step "
               f"{state.step}/{config['total_steps']}", flush=True)
     tags = {"trial": config["trial"]} if config.get("trial") else {}
-    return Session(spec, config, rank, dist.get_world_size(), model_dir, tokenizer, dtype, engine, state, tags)
+    return Session(spec, config, rank, dist.get_world_size(), model_dir, tokenizer, dtype, engine, state, tags,
+                   ds_config=ds_config)
 
 
 def train(s: Session, step_fn: Callable[[Session, list[dict]], StepOut],
-          validate_fn: Callable[[Session], dict[str, float] | None]) -> None:
+          validate_fn: Callable[[Session], dict[str, float] | None], *, collate=None) -> None:
     """Optimizer steps from the state's step to the last one (or an early stop), with the
     spec's log, eval and checkpoint cadence. `validate_fn` returns reduced eval metrics
-    (`eval_loss`, ...) or None when there is nothing to evaluate."""
+    (`eval_loss`, ...) or None when there is nothing to evaluate. `collate`: a method whose
+    rows are not fixed-length sequences builds its micro-batches (see data.micro_batches)."""
     spec, state = s.spec, s.state
     t = spec.train
     s.engine.train()
@@ -134,7 +137,8 @@ def train(s: Session, step_fn: Callable[[Session, list[dict]], StepOut],
                                           shuffle_buffer=_local_shuffle(spec), seed=t.seed + s.rank,
                                           steps_per_fetch=data.fetch_steps(t.micro_batch_size * spec.grad_accum_steps,
                                                                            spec.data.max_seq_len,
-                                                                           s.config["steps_per_epoch"])):
+                                                                           s.config["steps_per_epoch"]),
+                                          collate=collate):
         window.add(step_fn(s, micro))
         state.step = step + 1
         state.epoch = step // s.config["steps_per_epoch"] if s.config["steps_per_epoch"] else 0  # a stream: uncounted
