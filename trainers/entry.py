@@ -84,6 +84,7 @@ def prepare_run(spec: AnyRun, label: str = "") -> tuple[data.Prepared, int, int]
     t0 = time.perf_counter()
     prepared = prepare_data(spec)
     if prepared.rows is None:  # data.streaming
+        check_stream_capacity(spec)
         print(f"data{label}: streaming the training data (read, tokenized and packed as it trains; not counted up "
               f"front), {prepared.eval_rows} eval sequences prepared in {time.perf_counter() - t0:.1f}s", flush=True)
         return prepared, None, spec.train.max_steps
@@ -107,6 +108,21 @@ def prepare_run(spec: AnyRun, label: str = "") -> tuple[data.Prepared, int, int]
                            hint="add data or lower train.global_batch_size / micro_batch_size")
     total_steps = spec.train.max_steps or max(1, math.ceil(per_epoch * spec.train.epochs))
     return prepared, per_epoch, total_steps
+
+
+def check_stream_capacity(spec: AnyRun) -> None:
+    """A stream is read and tokenized by Ray Data tasks while the workers train: with every
+    CPU reserved by the workers none of those tasks could ever start, and the run would hang."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    reserved = spec.resources.workers * spec.resources.cpus_per_worker
+    if cpus - reserved < 1:
+        raise JobUserError(f"data.streaming: the workers reserve {reserved:g} of the cluster's {cpus:g} CPUs "
+                           "(resources.workers x cpus_per_worker), leaving none for the Ray Data tasks that read "
+                           "and tokenize the stream while they train",
+                           hint="leave at least one CPU free (e.g. resources.cpus_per_worker: 0.5), add CPUs, or "
+                                "prepare the data up front (data.streaming: false)")
 
 
 def _spec_text() -> str:

@@ -44,12 +44,13 @@ def big_corpus(directory, files: int, mb_per_file: float) -> int:
 
 
 def test_streamed_corpus_trains_and_resumes_mid_stream(launch, tmp_path):
-    """The corpus is 6x the memory the stream may hold (data.stream_memory_mb): the run
-    trains from it without ever preparing it whole, then resumes mid-stream."""
+    """The corpus is larger than the memory the stream may hold (data.stream_memory_mb; its
+    packed rows are ~10x its text): the run trains from it without ever preparing it whole,
+    then resumes mid-stream. Workers that leave no CPU to the stream's tasks are refused."""
     storage_dir = tmp_path / "runs"
-    size = big_corpus(tmp_path / "corpus", files=12, mb_per_file=2)
-    assert size > 6 * 4 * 2**20
-    options = [f"data.train[0].path={tmp_path / 'corpus'}", "data.stream_memory_mb=4",
+    size = big_corpus(tmp_path / "corpus", files=48, mb_per_file=0.25)
+    assert size > 8 * 2**20
+    options = [f"data.train[0].path={tmp_path / 'corpus'}", "data.stream_memory_mb=8",
                f"checkpoint.storage={storage_dir}", "checkpoint.every_n_steps=3", "train.eval_every=3"]
     first = launch("configs/examples/pretrain_stream.yaml", *options, "train.max_steps=6")
     assert_ok(first)
@@ -65,3 +66,8 @@ def test_streamed_corpus_trains_and_resumes_mid_stream(launch, tmp_path):
     steps = [m["step"] for m in train_metrics(run_dir(second))]
     assert steps == list(range(1, 10))
     assert storage.exists(storage.join(run_dir(second), "model", "config.json"))
+
+    starved = launch("configs/examples/pretrain_stream.yaml", *options, "resources.cpus_per_worker=1",
+                     "name=pretrain-starved")
+    assert starved.returncode == 2, output(starved)[-3000:]
+    assert "error: data.streaming: the workers reserve 2 of the cluster's 2 CPUs" in starved.stderr
