@@ -7,7 +7,7 @@ import typing
 
 from pydantic import BaseModel
 
-from trainers.spec import PretrainRun, SftRun
+from trainers.spec import AnyRun, SftRun
 
 
 def _type_name(annotation) -> str:
@@ -47,8 +47,24 @@ def markdown() -> str:
     out = ["# The run spec", "",
            "Generated from `trainers/spec.py` by `launch schema --markdown`; do not edit by hand.",
            "Unknown keys are errors. `method` chooses the training method:", ""]
-    for run in (SftRun, PretrainRun):
-        out.append(f"- `{run.model_fields['method'].annotation.__args__[0]}`: {run.__doc__.strip()}")
+    runs = typing.get_args(AnyRun)
+    for run in runs:
+        out.append(f"- `{_method(run)}`: {' '.join(run.__doc__.strip().split())}")
     out.append("")
-    _section("", SftRun, out, set())
+    seen: set = set()
+    _section("", SftRun, out, seen)
+    for run in runs:  # what a method has that `sft` has not, or has in another shape
+        for name, field in run.model_fields.items():
+            shared = SftRun.model_fields.get(name)
+            if name == "method" or (shared is not None and shared.annotation == field.annotation):
+                continue
+            for sub in _submodels(field.annotation):
+                if (name, sub) not in seen:
+                    seen.add((name, sub))
+                    out += [f"_`method: {_method(run)}`:_", ""]
+                    _section(name, sub, out, seen)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _method(run) -> str:
+    return run.model_fields["method"].annotation.__args__[0]

@@ -5,7 +5,8 @@ rejected one, relative to a frozen reference (the model the run starts from).
 The reference costs no second copy with LoRA: it is the policy with its adapters disabled.
 With full fine-tuning it is a frozen copy in inference mode under the same ZeRO stage when
 that is 3 (partitioned like the policy), else whole on each worker (as TRL's
-`prepare_deepspeed`). SimPO has no reference. The losses are `trainers.preference_losses`'.
+`prepare_deepspeed`), or, with `dpo.precompute_reference`, log-probs computed once over the
+data before training (`trainers.reference_logps`). SimPO has no reference. The losses are `trainers.preference_losses`'.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if s.rank == 0:
         held = models.parameter_counts(s.engine.module)[1] + (
             models.parameter_counts(reference.module)[1] if hasattr(reference, "module") else 0)
-        what = {None: "none (simpo)", "adapters-off": "the policy with its adapters disabled (no second copy)"}
+        what = {None: "none (simpo)", "adapters-off": "the policy with its adapters disabled (no second copy)",
+                "precomputed": "log-probs precomputed over the data (no second copy)"}
         print(f"reference: {what.get(reference, 'a frozen copy of the starting model')}; {held:,} parameters "
               f"held by this worker", flush=True)
     loop.train(s, functools.partial(step, reference=reference), functools.partial(validate, reference=reference),
@@ -33,12 +35,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def build_reference(s: loop.Session):
-    """What scores the reference log-probs: None (SimPO), "adapters-off" (LoRA), or a
-    frozen DeepSpeed engine of the starting model (full fine-tuning)."""
+    """What scores the reference log-probs: None (SimPO), "precomputed" (a column of the
+    data), "adapters-off" (LoRA), or a frozen DeepSpeed engine of the starting model."""
     import deepspeed
 
     if s.spec.dpo.loss == "simpo":
         return None
+    if s.spec.dpo.precompute_reference:
+        return "precomputed"
     if s.lora:
         return "adapters-off"
     ref_config = copy.deepcopy(s.ds_config)
@@ -74,7 +78,9 @@ def pair_loss(s: loop.Session, batch: dict[str, Any], reference):
     if reference is None:
         return simpo_loss(chosen, rejected, beta=d.beta, gamma=d.gamma, label_smoothing=d.label_smoothing)
     with torch.no_grad():
-        if reference == "adapters-off":
+        if reference == "precomputed":
+            ref = batch["ref_logps"].to(s.device)
+        elif reference == "adapters-off":
             with s.engine.module.disable_adapter():
                 ref, _ = _logps(s, s.engine, batch, average=False)
         else:

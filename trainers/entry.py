@@ -100,6 +100,10 @@ def prepare_run(spec: AnyRun, label: str = "") -> tuple[data.Prepared, int, int]
         print(f"mixture{label} ({getattr(spec.data, 'mixing', 'replay')}): " + ", ".join(
             f"{name} {m['rows']} sequences ({m['share']:.1%}; {m['rows'] / m['sequences']:.2f} passes over its "
             f"{m['sequences']})" for name, m in prepared.mixture.items()), flush=True)
+    if getattr(getattr(spec, "dpo", None), "precompute_reference", False):
+        from trainers import reference_logps
+
+        prepared = reference_logps.attach(spec, prepared)
     per_epoch = data.steps_per_epoch(prepared.rows, spec.resources.workers,
                                      spec.train.micro_batch_size, spec.grad_accum_steps)
     if per_epoch == 0:

@@ -8,7 +8,8 @@ worker's micro-batch is made of:
      "responses": [[int, ...], ...],   # each response as the ids that continue the prompt, best first
      "trained":   [[bool, ...], ...],  # per continuation token: a label (True) or markup (False)
      "scores":    [float, ...],        # per response, higher is better; equal scores are a tie
-     "margin":    float | None}        # reward modeling: what each better response should win by
+     "margin":    float | None,        # reward modeling: what each better response should win by
+     "ref_logps": [float, ...]}        # DPO with dpo.precompute_reference: the reference's, per response
 
 `prompt + responses[k]` is the k-th whole sequence. A `preference` row is a record of two
 responses, chosen (score 1) then rejected (score 0); a `ranking` row one of K. The pairs that
@@ -248,7 +249,8 @@ def collate(records: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of: 
     - `margin` float32 (M,), per pair: only when some record has a margin (0 for the rest:
       no margin is margin 0).
     - `is_chosen` bool (N,): only when every record is a pair (K = 2); `x[is_chosen]` and
-      `x[~is_chosen]` are then the chosen and rejected sequences, aligned by record."""
+      `x[~is_chosen]` are then the chosen and rejected sequences, aligned by record.
+    - `ref_logps` float32 (N,): only when every record carries the reference's log-probs."""
     sequences, label_rows, group, score, rank, pair_rows, margins = [], [], [], [], [], [], []
     for g, r in enumerate(records):
         base, prompt = len(sequences), list(r["prompt"])
@@ -279,6 +281,8 @@ def collate(records: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of: 
     out["pairs"] = np.array(pair_rows, dtype=np.int64).reshape(-1, 2)
     if any(r.get("margin") is not None for r in records):
         out["margin"] = np.array(margins, dtype=np.float32)
+    if records and all(r.get("ref_logps") is not None for r in records):
+        out["ref_logps"] = np.array([x for r in records for x in r["ref_logps"]], dtype=np.float32)
     if records and all(len(r["responses"]) == 2 for r in records):
         out["is_chosen"] = out["rank"] == 0
     return out
@@ -320,11 +324,14 @@ def from_row(row: dict[str, Any]) -> dict[str, Any]:
     """The record a row holds, from a pyarrow `to_pylist()` row or a numpy-format batch's
     (nested object arrays)."""
     margin = row.get("margin")
-    return {"prompt": np.asarray(row["prompt"], dtype=np.int64).tolist(),
-            "responses": [np.asarray(c, dtype=np.int64).tolist() for c in row["responses"]],
-            "trained": [np.asarray(m, dtype=bool).tolist() for m in row["trained"]],
-            "scores": np.asarray(row["scores"], dtype=np.float64).tolist(),
-            "margin": None if margin is None or math.isnan(float(margin)) else float(margin)}
+    record = {"prompt": np.asarray(row["prompt"], dtype=np.int64).tolist(),
+              "responses": [np.asarray(c, dtype=np.int64).tolist() for c in row["responses"]],
+              "trained": [np.asarray(m, dtype=bool).tolist() for m in row["trained"]],
+              "scores": np.asarray(row["scores"], dtype=np.float64).tolist(),
+              "margin": None if margin is None or math.isnan(float(margin)) else float(margin)}
+    if row.get("ref_logps") is not None:  # a column only runs with dpo.precompute_reference have
+        record["ref_logps"] = np.asarray(row["ref_logps"], dtype=np.float64).tolist()
+    return record
 
 
 def from_table(table) -> list[dict[str, Any]]:

@@ -673,12 +673,24 @@ class DpoSpec(Strict):
     """Probability that a pair's preference is flipped (sigmoid and simpo)."""
     gamma: float = Field(0.5, ge=0)
     """SimPO's target reward margin, in reward units (TRL's `simpo_gamma`)."""
+    precompute_reference: bool = False
+    """Compute the reference's log-probs once over the data (a Ray Data pass of the starting
+    model, before training) and train with the policy alone: no frozen copy in memory, no
+    second forward per step. The starting model must fit on one worker's device. Not for
+    `simpo`, which has no reference."""
+
+    @model_validator(mode="after")
+    def _precompute_needs_reference(self) -> "DpoSpec":
+        if self.precompute_reference and self.loss == "simpo":
+            raise ValueError("dpo.precompute_reference: simpo has no reference model; remove the option "
+                             "or use loss sigmoid or ipo")
+        return self
 
 
 class DpoRun(_PreferenceRun):
     """DPO, IPO and SimPO on preference pairs. The reference is the starting model: with
     LoRA the base with adapters disabled (no second copy), with full fine-tuning a frozen
-    copy under the same ZeRO stage; SimPO needs none."""
+    copy under the same ZeRO stage or log-probs precomputed over the data; SimPO needs none."""
 
     method: Literal["dpo"]
     """Training method."""

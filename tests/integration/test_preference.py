@@ -112,3 +112,37 @@ def test_dpo_with_lora_raises_the_margin_without_a_second_copy(launch, tmp_path)
     before = _preference_logratio(BASE_MODEL, tok, pairs)
     after = _preference_logratio(download(storage.join(run, "model"), tmp_path / "model"), tok, pairs)
     assert after > before + 1.0, (before, after)
+
+
+def test_full_dpo_frozen_copy_and_precomputed_reference_train_the_same(launch, tmp_path):
+    """Full fine-tuning DPO two ways: a frozen copy of the starting model as reference, and the
+    reference's log-probs precomputed once with Ray Data. The same data, seed and steps must
+    give the same losses and rewards (two independent reference paths agree), and the
+    precomputed run holds no second copy."""
+    common = ("model.peft=null", "train.max_steps=4", "train.eval_every=2", "checkpoint.every_n_steps=4",
+              "train.lr=1e-4")
+    runs = {}
+    for how in ("false", "true"):
+        proc = launch("configs/examples/dpo.yaml", *common, f"dpo.precompute_reference={how}",
+                      f"checkpoint.storage={tmp_path / how}")
+        assert_ok(proc)
+        runs[how] = (output(proc), metrics(run_dir(proc)))
+    copy_log, pre_log = runs["false"][0], runs["true"][0]
+    total = int(re.search(r"model: ([\d,]+) parameters", copy_log).group(1).replace(",", ""))
+    held_copy = int(re.search(r"reference: a frozen copy of the starting model; ([\d,]+) parameters", copy_log)
+                    .group(1).replace(",", ""))
+    held_pre = int(re.search(r"reference: log-probs precomputed over the data \(no second copy\); ([\d,]+) "
+                             r"parameters", pre_log).group(1).replace(",", ""))
+    assert held_copy == 2 * total and held_pre == total, (held_copy, held_pre, total)
+    assert re.search(r"reference: log-probs of the starting model precomputed over \d+ train and \d+ eval", pre_log)
+    keys = ("loss", "rewards/chosen", "rewards/margins", "eval_loss", "eval_rewards/margins")
+    a, b = runs["false"][1], runs["true"][1]
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    compared = 0
+    for x, y in zip(a, b):
+        for k in keys:
+            if k in x:
+                assert y[k] == pytest.approx(x[k], abs=2e-4), (k, x, y)
+                compared += 1
+    assert compared >= 8, a
+    assert any(m.get("eval_rewards/margins", 0) != 0 for m in a if m["step"] > 0)  # the policy moved

@@ -362,6 +362,19 @@ def test_records_round_trip_through_arrow_rows(tok):
     assert pd.record_sizes(records[1]) == (3, 4 + 3 + 3, 4)
 
 
+def test_precomputed_reference_logps_travel_with_their_rows_into_the_batch():
+    import pyarrow as pa
+
+    records = [record([BOS, 10], [20], [30]), record([BOS, 12], [40, 41], [50])]
+    assert "ref_logps" not in pd.collate(records, pad_id=PAD)  # only with dpo.precompute_reference
+    table = pd.to_table(records).append_column(
+        "ref_logps", pa.array([[-1.5, -2.25], [-3.0, -0.5]], type=pa.list_(pa.float32())))
+    batch = pd.collate(pd.from_table(table), pad_id=PAD)
+    # one per sequence, in the batch's sequence order (record by record, best first)
+    assert batch["ref_logps"].tolist() == [-1.5, -2.25, -3.0, -0.5]
+    assert batch["ref_logps"][batch["pairs"][:, 0]].tolist() == [-1.5, -3.0]
+
+
 # ---------------------------------------------------------------- row checks
 
 CONV = {"chosen": [U("hi"), A("hello")], "rejected": [U("hi"), A("bye")]}
