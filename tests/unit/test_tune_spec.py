@@ -119,3 +119,25 @@ def test_a_multitask_weight_is_searched_through_its_task_name():
     assert path_problem(MultitaskRun, "data.tasks.chat.wieght") == (
         "`wieght` is not a field of data.tasks.chat", "data.tasks.chat.weight")
     assert path_problem(MultitaskRun, "data.tasks.chat")[0] == "`data.tasks.chat` is a section; search one of its fields"
+
+
+def test_preference_coefficients_are_searchable(tmp_path, capsys):
+    from trainers.spec import DpoRun, RewardRun
+
+    assert path_problem(DpoRun, "dpo.beta") is None
+    assert path_problem(RewardRun, "reward.center_coefficient") is None
+    assert path_problem(DpoRun, "dpo.betta")[1] == "dpo.beta"
+    spec = tmp_path / "dpo_sweep.yaml"
+    data = {"train": [{"path": str(REPO / "configs/examples/data/preference_chat.jsonl"), "format": "preference"}]}
+    for values, expected in (([0.05, 0.2], 0), ([0.05, 0.0], 2)):  # 0 is outside beta's bounds (gt 0)
+        tune = {"num_samples": 2, "metric": "eval_loss", "mode": "min",
+                "search_space": {"dpo.beta": {"choice": values}}}
+        spec.write_text(yaml.safe_dump({"defaults": [str(REPO / "configs/examples/dpo.yaml")], "data": data,
+                                        "tune": tune}))
+        try:
+            main(["validate", str(spec)])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == expected and (expected == 0 or "dpo.beta" in err), err
