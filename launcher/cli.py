@@ -55,7 +55,7 @@ def run(
         # replicas shows no GPUs to the job, which would then train on CPUs.
         from cluster.kubernetes import capacity
 
-        spec.resources.gpus_per_worker = 1 if capacity(definition)["GPU"] else 0
+        spec.resources.gpus_per_worker = spec.resources.worker_gpus(capacity(definition))
     ds_cfg = preflight.check_spec(spec, str(spec_file), remote=kube)
     run_id = submit.new_run_id()
     if dry_run:

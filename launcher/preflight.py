@@ -217,7 +217,7 @@ def check_resources(spec: AnyRun, status: ClusterStatus) -> None:
     the worker groups at their maximum size for an autoscaling Kubernetes cluster."""
     r = spec.resources
     have_cpu, have_gpu = status.resources.get("CPU", 0), status.resources.get("GPU", 0)
-    gpus = r.gpus_per_worker if r.gpus_per_worker != "auto" else (1 if have_gpu else 0)
+    gpus = r.worker_gpus(status.resources)
     problems = []
     if r.workers * r.cpus_per_worker > have_cpu:
         problems.append(f"resources: {r.workers} workers x {r.cpus_per_worker} CPUs need "

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import secrets as _secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,37 +123,43 @@ class JobEnd:
 
 
 def follow(address: str, job_id: str, on_text: Callable[[str], None], poll_s: float = 0.5) -> JobEnd:
-    """Stream the job's log text to `on_text` until the job is terminal."""
+    """Stream the job's log text to `on_text` until the job is terminal.
+
+    The log tail (a websocket, asyncio) runs in a daemon thread; the main thread only polls
+    the status and sleeps, so Ctrl-C always lands there as a plain KeyboardInterrupt. Under
+    `asyncio.run` in the main thread it became a task cancellation, which a tail stuck in
+    its websocket read could absorb: the launcher then kept streaming instead of detaching.
+    """
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    printed = 0
+    lock = threading.Lock()
+    printed, live = 0, True
+
+    def deliver(chunk: str) -> None:
+        nonlocal printed
+        with lock:
+            if live:
+                printed += len(chunk)
+                on_text(chunk)
 
     async def tail() -> None:
-        nonlocal printed
         async for chunk in client.tail_job_logs(job_id):
-            printed += len(chunk)
-            on_text(chunk)
+            deliver(chunk)
 
-    async def watch() -> str:
-        while True:
-            status = str((await asyncio.to_thread(client.get_job_status, job_id)).value)
-            if status in TERMINAL:
-                return status
-            await asyncio.sleep(poll_s)
-
-    async def run() -> str:
-        tail_task = asyncio.create_task(tail())
+    def tail_quietly() -> None:
         try:
-            return await watch()
-        finally:
-            tail_task.cancel()
-            try:
-                await tail_task
-            except (asyncio.CancelledError, Exception):
-                pass
+            asyncio.run(tail())
+        except Exception:  # the log fetched below covers whatever the tail missed
+            pass
 
-    status = asyncio.run(run())
+    threading.Thread(target=tail_quietly, name=f"tail-{job_id}", daemon=True).start()
+    try:
+        while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+            time.sleep(poll_s)
+    finally:
+        with lock:
+            live = False
     # Whatever the tail had not delivered when the job ended.
     rest = client.get_job_logs(job_id)[printed:]
     if rest:

@@ -288,9 +288,7 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
     from ray.train.torch import TorchTrainer
 
     loop = importlib.import_module(f"trainers.{spec.method}").train_loop_per_worker
-    gpus = spec.resources.gpus_per_worker
-    if gpus == "auto":
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    gpus = spec.resources.worker_gpus(ray.cluster_resources())
     resources = {"CPU": spec.resources.cpus_per_worker}
     if gpus:
         resources["GPU"] = gpus

@@ -64,7 +64,7 @@ def attach(spec, prepared):
 
     t0 = time.perf_counter()
     r = spec.resources
-    gpus = r.gpus_per_worker if r.gpus_per_worker != "auto" else (1 if ray.cluster_resources().get("GPU", 0) else 0)
+    gpus = r.worker_gpus(ray.cluster_resources())
 
     def scored(ds):
         if ds is None:

@@ -460,6 +460,12 @@ class ResourcesSpec(Strict):
             raise ValueError("must be >= 0 or 'auto'")
         return v
 
+    def worker_gpus(self, cluster: dict[str, float]) -> int:
+        """GPUs each worker takes on a cluster with these resources (`auto` resolved)."""
+        if self.gpus_per_worker == "auto":
+            return 1 if cluster.get("GPU", 0) > 0 else 0
+        return self.gpus_per_worker
+
 
 class CheckpointSpec(Strict):
     storage: str = ""

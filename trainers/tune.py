@@ -73,7 +73,7 @@ def capacity_concurrency(spec: AnyRun, resources: dict[str, float]) -> int:
     r = spec.resources
     cpus = r.workers * r.cpus_per_worker + DRIVER_CPUS
     fits = [resources.get("CPU", 0) // cpus]
-    gpus = r.gpus_per_worker if r.gpus_per_worker != "auto" else (1 if resources.get("GPU", 0) else 0)
+    gpus = r.worker_gpus(resources)
     if gpus:
         fits.append(resources.get("GPU", 0) // (r.workers * gpus))
     return max(1, int(min(fits)))
