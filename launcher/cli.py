@@ -50,6 +50,9 @@ def run(
     kube = definition.kind == "kubernetes"
     if ephemeral and not kube:
         raise UsageError(f"--ephemeral needs a kubernetes cluster; {cluster} is {definition.kind}")
+    if ephemeral and getattr(getattr(spec, "ppo", None), "reward_fn", None):
+        raise UsageError("ppo.reward_fn with --ephemeral: a RayJob's entrypoint cannot carry this machine's module",
+                         hint="run on the persistent RayCluster (without --ephemeral), which the Jobs API uploads it to")
     if kube and spec.resources.gpus_per_worker == "auto":
         # Decided here, from what the groups can provide: an autoscaling cluster at zero
         # replicas shows no GPUs to the job, which would then train on CPUs.
@@ -100,7 +103,8 @@ def run(
 
             for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
                 logging.getLogger(name).setLevel(logging.WARNING)
-        job_id = submit.submit(address, spec, run_id, local=not kube)
+        job_id = submit.submit(address, spec, run_id, local=not kube,
+                               user_modules=preflight.user_modules(spec, str(spec_file)))
     _say(f"submitted job {job_id}; run directory {_run_directory(spec, run_id)}")
     hints += [f"follow:  launch logs {job_id} -f --cluster {cluster}", f"cancel:  launch cancel {job_id} --cluster {cluster}"]
     if detach:

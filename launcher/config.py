@@ -353,6 +353,10 @@ def _resolve_paths(data: dict[str, Any], spec_dir: Path) -> None:
                (checkpoint, "storage", lambda v: os.path.abspath(os.path.expanduser(v))),
                # a run's directory, like the storage it lies in (a bare name is a run name)
                (model, "init_from", lambda v: os.path.abspath(os.path.expanduser(v)) if "/" in v else v)]
+    ppo = data.get("ppo") if isinstance(data.get("ppo"), dict) else {}
+    # a reward run's directory or its model: beside the spec, else from the current directory
+    targets.append((ppo, "reward_model", lambda v: next_to_spec(v) if (spec_dir / v).exists()
+                    else os.path.abspath(v) if os.path.exists(v) else v))
     evals = data.get("eval") if isinstance(data.get("eval"), dict) else {}
     fewshot = evals.get("fewshot") if isinstance(evals.get("fewshot"), dict) else {}
     targets += [(fewshot, "path", next_to_spec), (fewshot, "pool", next_to_spec)]

@@ -149,15 +149,22 @@ def _short(v: Any) -> str:
 def describe(event: dict[str, Any]) -> str:
     if "trial" in event:
         return f"trial {event['trial']} " + describe({k: v for k, v in event.items() if k != "trial"})
-    if "eval_loss" in event:
-        # A method's own eval metrics (a task's loss, an accuracy) after the loss.
+    if is_eval(event):
+        # A method's own eval metrics (a task's loss, an accuracy, a reward) after the loss.
         extra = "".join(f"  {k.removeprefix('eval_')} {_short(v)}" for k, v in event.items()
                         if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")
                         and not k.endswith("_perplexity") and isinstance(v, (int, float)))
         perplexity = f" (perplexity {event['eval_perplexity']:.2f})" if "eval_perplexity" in event else ""
-        return f"step {event['step']}: eval loss {event['eval_loss']:.4f}{perplexity}{extra}"
-    return (f"step {event['step']}/{event['total_steps']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
+        loss = f" loss {event['eval_loss']:.4f}{perplexity}" if "eval_loss" in event else ""
+        return f"step {event['step']}: eval{loss}{extra}"
+    rl = (f"  reward {event['reward_mean']:.4f} (std {event['reward_std']:.3f})  kl {event['kl']:.4f}"
+          if "reward_mean" in event else "")  # ppo
+    return (f"step {event['step']}/{event['total_steps']}  loss {event['loss']:.4f}{rl}  lr {event['lr']:.2e}  "
             f"{event['tokens_per_s']:,.0f} tok/s")
+
+
+def is_eval(event: dict[str, Any]) -> bool:
+    return any(k.startswith("eval_") for k in event)
 
 
 class JobOutput:
@@ -209,7 +216,7 @@ class JobOutput:
                 event = json.loads(line.split(MARKER, 1)[1])
             except json.JSONDecodeError:
                 event = None
-            if isinstance(event, dict) and "step" in event and ("loss" in event or "eval_loss" in event):
+            if isinstance(event, dict) and "step" in event and ("loss" in event or is_eval(event)):
                 self.events.append(event)
                 if "trial" in event and not self.json_mode and not (self.verbose and not self.tty):
                     return  # a search: its trials' steps are summarised by their trial lines
@@ -334,7 +341,7 @@ class JobOutput:
         if self.json_mode:
             print(json.dumps({"event": "progress", **event}), flush=True)
             return
-        if not self.tty or "eval_loss" in event:
+        if not self.tty or is_eval(event):
             self._print(describe(event))
             return
         if self.progress is None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from cluster import ClusterStatus
 from launcher.errors import SpecError, SpecIssue, StorageError, UsageError
@@ -48,9 +49,53 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
     if _looks_local(spec.model.path) and not os.path.exists(spec.model.path):
         issues.append(SpecIssue("model.path", "no such directory", spec.model.path))
     issues += _chat_template_file_issues(spec.data.chat_template)
+    issues += _ppo_issues(spec, source)
     if issues:
         raise SpecError(source, issues)
     return ds_cfg
+
+
+def _ppo_issues(spec: AnyRun, source: str) -> list[SpecIssue]:
+    """A reward function that imports and takes (prompts, responses); a local reward model
+    that is a model or a reward run's directory."""
+    p = getattr(spec, "ppo", None)
+    if p is None:
+        return []
+    if p.reward_fn is not None:
+        from trainers import reward_fn
+
+        try:
+            reward_fn.load(p.reward_fn, Path(source).parent)
+        except ValueError as e:
+            return [SpecIssue("ppo.reward_fn", str(e).removeprefix("ppo.reward_fn: "), p.reward_fn)]
+        return []
+    if _looks_local(p.reward_model) or os.path.isabs(p.reward_model):
+        if not any(os.path.exists(os.path.join(p.reward_model, *sub, "config.json")) for sub in ((), ("model",))):
+            return [SpecIssue("ppo.reward_model", "no model here (no config.json, nor model/config.json of a reward "
+                              "run)", p.reward_model)]
+    return []
+
+
+def user_modules(spec: AnyRun, source: str) -> list[str]:
+    """Files or packages of the user's that travel with the job (Ray `py_modules`): the
+    module of `ppo.reward_fn`."""
+    p = getattr(spec, "ppo", None)
+    if p is None or p.reward_fn is None:
+        return []
+    import shutil
+    import tempfile
+
+    from trainers import reward_fn
+
+    root = Path(reward_fn.locate(p.reward_fn, Path(source).parent).root)
+    if root.is_dir():
+        return [str(root)]
+    # The Jobs API client uploads directories only (Ray 2.60 refuses a .py file there):
+    # the module goes as a package of the same name, importable as before.
+    package = Path(tempfile.mkdtemp(prefix="llmlaunch-module-")) / root.stem
+    package.mkdir()
+    shutil.copyfile(root, package / "__init__.py")
+    return [str(package)]
 
 
 def _chat_template_file_issues(value: str | None) -> list[SpecIssue]:
@@ -82,6 +127,9 @@ def _local_paths_on_remote(spec: AnyRun) -> list[SpecIssue]:
     for where, ds in spec.data.datasets():
         if os.path.isabs(ds.path):
             issues.append(SpecIssue(f"{where}.path", hint, ds.path))
+    reward_model = getattr(getattr(spec, "ppo", None), "reward_model", None)
+    if reward_model is not None and os.path.isabs(reward_model):
+        issues.append(SpecIssue("ppo.reward_model", hint, reward_model))
     return issues
 
 
@@ -218,12 +266,18 @@ def check_resources(spec: AnyRun, status: ClusterStatus) -> None:
     r = spec.resources
     have_cpu, have_gpu = status.resources.get("CPU", 0), status.resources.get("GPU", 0)
     gpus = r.worker_gpus(status.resources)
+    groups = 1
+    if spec.method == "ppo" and spec.ppo.placement == "spread":  # every role's workers have bundles of their own
+        from trainers import rl_placement
+
+        groups = len(rl_placement.roles(spec))
+    who = f"{r.workers} workers" + (f" x {groups} roles (ppo.placement spread)" if groups > 1 else "")
     problems = []
-    if r.workers * r.cpus_per_worker > have_cpu:
-        problems.append(f"resources: {r.workers} workers x {r.cpus_per_worker} CPUs need "
-                        f"{r.workers * r.cpus_per_worker:g} CPUs; cluster {status.name} has {have_cpu:g}")
-    if r.workers * gpus > have_gpu:
-        problems.append(f"resources: {r.workers} workers x {gpus} GPUs need {r.workers * gpus} GPUs; "
+    if groups * r.workers * r.cpus_per_worker > have_cpu:
+        problems.append(f"resources: {who} x {r.cpus_per_worker} CPUs need "
+                        f"{groups * r.workers * r.cpus_per_worker:g} CPUs; cluster {status.name} has {have_cpu:g}")
+    if groups * r.workers * gpus > have_gpu:
+        problems.append(f"resources: {who} x {gpus} GPUs need {groups * r.workers * gpus} GPUs; "
                         f"cluster {status.name} has {have_gpu:g}")
     if problems:
         raise UsageError("; ".join(problems), hint="lower resources.workers / cpus_per_worker / "

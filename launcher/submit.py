@@ -99,14 +99,15 @@ def wait_for_job(address: str, job_id: str, timeout_s: float = 600) -> None:
             time.sleep(2)
 
 
-def submit(address: str, spec: AnyRun, run_id: str, *, local: bool) -> str:
+def submit(address: str, spec: AnyRun, run_id: str, *, local: bool, user_modules: list[str] = ()) -> str:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
     # The trainers package travels with the job, so workers run the launcher's version
-    # of the training code whatever the cluster image holds.
+    # of the training code whatever the cluster image holds; so do the user's modules the
+    # spec names (a reward function), which a remote cluster has never seen.
     runtime_env = {"env_vars": job_env(spec, run_id, local=local),
-                   "py_modules": [str(Path(trainers.__file__).parent)]}
+                   "py_modules": [str(Path(trainers.__file__).parent), *user_modules]}
     return client.submit_job(
         entrypoint="python -m trainers.entry",
         submission_id=f"{spec.name}-{run_id}",

@@ -134,29 +134,62 @@ def save(engine, state: TrainState, run: str, metrics: dict[str, Any], *, keep: 
     ckpt = storage.join(run, "checkpoints", name)
     dist.barrier()  # every rank's upload has returned
     if rank == 0:
-        _write_manifest(ckpt, state, world, metrics)
-        _apply_retention(run, keep)
+        write_manifest(ckpt, state.step, [f"rank_{r}.json" for r in range(world)], metrics)
+        apply_retention(run, keep)
     dist.barrier()
     return ckpt
 
 
-def _write_manifest(ckpt: str, state: TrainState, world: int, metrics: dict[str, Any]) -> None:
+def save_part(engine, ckpt: str, part: str, step: int, *, lora: bool, client_state: dict | None = None) -> None:
+    """One trained model's share of a checkpoint that is not Ray Train's (a PPO actor or
+    critic group): every rank writes DeepSpeed's files straight to `<ckpt>/<part>/` and
+    lists them in `<part>_rank_R.json`. Whoever writes the manifest reads those lists."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    local = Path(tempfile.mkdtemp(prefix="ckpt-"))
+    try:
+        engine.save_checkpoint(str(local), tag=step_dir_name(step), client_state=client_state or {},
+                               exclude_frozen_parameters=lora)
+        files = {f"{part}/{p.relative_to(local)}": p.stat().st_size for p in local.rglob("*") if p.is_file()}
+        storage.upload_dir(str(local), storage.join(ckpt, part))
+        storage.write_text(storage.join(ckpt, f"{part}_rank_{rank}.json"), json.dumps({"rank": rank, "files": files}))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    dist.barrier()
+
+
+def restore_part(engine, ckpt: str, part: str, *, lora: bool) -> dict[str, Any]:
+    """Load what `save_part` wrote; returns the client state saved with it."""
+    with tempfile.TemporaryDirectory(prefix="restore-") as local:
+        storage.download_dir(storage.join(ckpt, part), local)
+        tag = sorted(p.name for p in Path(local).iterdir() if p.is_dir() and p.name.startswith("step_"))[-1]
+        _, client = engine.load_checkpoint(local, tag=tag, load_module_strict=not lora)
+    return client or {}
+
+
+def write_manifest(ckpt: str, step: int, rank_files: list[str], metrics: dict[str, Any],
+                   extra: list[str] = (), world: int | None = None) -> None:
+    """Mark a checkpoint complete once every file the ranks listed (and `extra`, files
+    written beside them) is in storage with its size. `world`: the workers it was written
+    by (default: one per rank file)."""
     files: dict[str, int] = {}
-    for rank in range(world):
-        text = storage.read_text(storage.join(ckpt, f"rank_{rank}.json"))
+    for name in rank_files:
+        text = storage.read_text(storage.join(ckpt, name))
         if text is None:
-            raise RuntimeError(f"checkpoint {ckpt}: rank {rank} uploaded no file list; not marking it complete")
+            raise RuntimeError(f"checkpoint {ckpt}: no file list {name}; not marking it complete")
         files.update(json.loads(text)["files"])
     present = _sizes(ckpt)
+    files.update({name: present.get(name, -1) for name in extra})
     missing = [p for p, size in files.items() if present.get(p) != size]
     if missing:
         raise RuntimeError(f"checkpoint {ckpt}: {len(missing)} files missing or short, e.g. {missing[:3]}")
-    manifest = {"step": state.step, "world_size": world, "created_at": time.time(),
+    manifest = {"step": step, "world_size": world or len(rank_files), "created_at": time.time(),
                 "files": files, "metrics": metrics}
     storage.write_text(storage.join(ckpt, MANIFEST), json.dumps(manifest, indent=1))
 
 
-def _apply_retention(run: str, keep: int) -> None:
+def apply_retention(run: str, keep: int) -> None:
     complete = complete_checkpoints(run)
     for old in complete[:-keep]:
         storage.delete(old)

@@ -20,6 +20,7 @@ from trainers.spec import AnyRun, DatasetSpec
 
 IGNORE = -100
 COMPARISON_FORMATS = ("preference", "ranking")  # rows of a prompt and its ranked responses, not sequences
+PROMPT_COLUMN = "prompt_ids"  # format prompt: one row per prompt, its token ids (ppo writes the responses)
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
     "Write a response that appropriately completes the request.\n\n"
@@ -47,6 +48,16 @@ def tokenize_example(row: dict[str, Any], ds: DatasetSpec, tok) -> tuple[list[in
     if ds.format == "prompt_completion":
         return _tokenize_prompt_completion(row, ds, tok)
     return _tokenize_chat(chat_messages(row, ds), tok, ds.loss)
+
+
+def tokenize_prompt(row: dict[str, Any], ds: DatasetSpec, tok) -> list[int]:
+    """A prompt's token ids as the policy continues them: a string after BOS, chat turns
+    rendered with the template and its generation prompt (the assistant header)."""
+    prompt = row[ds.prompt_field]
+    if isinstance(prompt, str):
+        return _bos(tok) + tok.encode(prompt, add_special_tokens=False)
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return _encode_rendered(tok, _render(tok, messages, generation_prompt=True))
 
 
 def chat_messages(row: dict[str, Any], ds: DatasetSpec) -> list[dict[str, str]]:
@@ -283,6 +294,10 @@ def _tokenize_batch(batch, *, ds: DatasetSpec, where: str, model_path: str, trus
         import ray
 
         ray.get(bad_rows.add.remote(where, skipped))  # counted before the task's rows are: none is lost
+    if ds.format == "prompt":  # the longest prompts keep their end, next to where the response starts
+        import pyarrow as pa
+
+        return pa.table({PROMPT_COLUMN: pa.array([ids[-max_len:] for ids in examples], type=pa.list_(pa.int32()))})
     if comparisons:  # one row per prompt and its responses, unpacked (see trainers.preference_data)
         kept = [rec for rec, _ in (preference_data.truncate(r, max_len, tok.bos_token_id) for r in examples)
                 if rec is not None]
@@ -319,12 +334,13 @@ def _bad_row_counter():
 
 
 def _formatted(row: dict[str, Any], ds: DatasetSpec, tok) -> tuple[tuple[list[int], list[int]] | None, str | None]:
-    """(token ids and labels, None), or (None, what is wrong with the row)."""
+    """(token ids and labels, None), or (None, what is wrong with the row); a `prompt` row's
+    example is its token ids alone."""
     problem = data_check.row_problem(row, ds)
     if problem:
         return None, problem
     try:
-        return tokenize_example(row, ds, tok), None
+        return (tokenize_prompt(row, ds, tok) if ds.format == "prompt" else tokenize_example(row, ds, tok)), None
     except Exception as e:  # a template error, an odd value: the row is the user's to fix
         return None, f"cannot be formatted: {type(e).__name__}: {e}"
 
@@ -463,8 +479,9 @@ def _finish(spec: AnyRun, train, evaluation, **extra) -> Prepared:
     rows = train.count()
     if rows == 0:
         raise ValueError("data.train: no training sequences after tokenization (are the files empty?)")
-    comparisons = spec.method in ("reward", "dpo")
-    counted = _count_record_tokens if comparisons else _count_tokens
+    comparisons = spec.method in ("reward", "dpo", "ppo")  # rows that are not packed sequences
+    counted = {"reward": _count_record_tokens, "dpo": _count_record_tokens, "ppo": _count_prompt_tokens}.get(
+        spec.method, _count_tokens)
     stats = train.map_batches(counted, batch_format="pyarrow" if comparisons else "numpy").sum(["tokens", "loss_tokens"])
     tokens, loss_tokens = int(stats["sum(tokens)"]), int(stats["sum(loss_tokens)"])
     return Prepared(
@@ -547,6 +564,11 @@ def _count_record_tokens(table) -> dict[str, np.ndarray]:
     sizes = [preference_data.record_sizes(r) for r in preference_data.from_table(table)]
     return {"tokens": np.array([t for _, t, _ in sizes], dtype=np.int64),
             "loss_tokens": np.array([n for _, _, n in sizes], dtype=np.int64)}
+
+
+def _count_prompt_tokens(table) -> dict[str, np.ndarray]:
+    lengths = np.array([len(ids) for ids in table.column(PROMPT_COLUMN).to_pylist()], dtype=np.int64)
+    return {"tokens": lengths, "loss_tokens": np.zeros_like(lengths)}  # the responses train, not the prompts
 
 
 def collate_comparisons(columns: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:

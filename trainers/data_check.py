@@ -70,6 +70,8 @@ def row_problem(row: Any, ds: DatasetSpec) -> str | None:
         return _prompt_completion_problem(row, ds)
     if ds.format in ("preference", "ranking"):
         return _preference_problem(row, ds) if ds.format == "preference" else _ranking_problem(row, ds)
+    if ds.format == "prompt":
+        return _prompt_problem(row, ds)
     if problem := _field_problem(row, ds.messages_field, list, "messages_field"):
         return problem
     return _conversation_problem(row[ds.messages_field], ds.messages_field)
@@ -138,6 +140,23 @@ def _prompt_completion_problem(row: dict[str, Any], ds: DatasetSpec) -> str | No
         return _conversation_problem(completion, c)
     return (f"fields `{p}` and `{c}` must both be strings or both be lists of chat turns; got "
             f"{_type(prompt)} and {_type(completion)}")
+
+
+def _prompt_problem(row: dict[str, Any], ds: DatasetSpec) -> str | None:
+    """A prompt the policy answers: a non-empty string, or chat turns ending with the user's."""
+    p = ds.prompt_field
+    if problem := _field_problem(row, p, object, "prompt_field"):
+        return problem
+    prompt = row[p]
+    if isinstance(prompt, str):
+        return None if prompt.strip() else f"field `{p}` is an empty prompt"
+    if not isinstance(prompt, list):
+        return f"field `{p}` must be a string or a list of chat turns, got {_type(prompt)}"
+    if problem := _conversation_problem(prompt, p, needs_assistant=False):
+        return problem
+    if prompt[-1]["role"] == "assistant":
+        return f"field `{p}` ends with an assistant turn: a prompt ends where the policy's response begins"
+    return None
 
 
 def _preference_problem(row: dict[str, Any], ds: DatasetSpec) -> str | None:
@@ -269,7 +288,7 @@ def is_conversational(row: Any, ds: DatasetSpec) -> bool:
     if ds.format == "ranking":
         responses = row.get(ds.responses_field)
         return isinstance(row.get(ds.prompt_field), list) or bool(responses) and isinstance(responses[0], list)
-    return ds.format == "prompt_completion" and isinstance(row.get(ds.prompt_field), list)
+    return ds.format in ("prompt_completion", "prompt") and isinstance(row.get(ds.prompt_field), list)
 
 
 def _field_problem(row: dict[str, Any], key: str, kind: type, option: str | None = None, *,
@@ -488,7 +507,7 @@ def is_chat_data(ds: DatasetSpec) -> bool | None:
 
     if ds.format in ("messages", "sharegpt"):
         return True
-    if ds.format not in ("prompt_completion", "preference", "ranking"):
+    if ds.format not in ("prompt_completion", "preference", "ranking", "prompt"):
         return False
     try:
         files = data_files(ds.path)

@@ -11,11 +11,11 @@ data before training (`trainers.reference_logps`). SimPO has no reference. The l
 
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Any
 
 from trainers import data, loop, models
+from trainers.engine import frozen_engine, inference_config
 from trainers.preference_losses import dpo_loss, sequence_logps, simpo_loss
 
 
@@ -37,26 +37,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def build_reference(s: loop.Session):
     """What scores the reference log-probs: None (SimPO), "precomputed" (a column of the
     data), "adapters-off" (LoRA), or a frozen DeepSpeed engine of the starting model."""
-    import deepspeed
-
     if s.spec.dpo.loss == "simpo":
         return None
     if s.spec.dpo.precompute_reference:
         return "precomputed"
     if s.lora:
         return "adapters-off"
-    ref_config = copy.deepcopy(s.ds_config)
-    for key in ("optimizer", "scheduler"):
-        ref_config.pop(key, None)
-    zero = ref_config.setdefault("zero_optimization", {})
-    zero.pop("offload_optimizer", None)
-    if zero.get("stage") != 3:
-        zero["stage"] = 0  # the reference fits where the policy's weights do: no sharding to gain
+    ref_config = inference_config(s.ds_config)
     plain = s.spec.model_copy(update={"model": s.spec.model.model_copy(update={"peft": None, "freeze": []})})
-    model = models.load_model(plain, s.model_dir, s.dtype, ref_config)
-    model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ref_config)
-    engine.eval()
+    engine = frozen_engine(models.load_model(plain, s.model_dir, s.dtype, ref_config), ref_config)
     return engine
 
 

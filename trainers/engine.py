@@ -75,6 +75,32 @@ def build_engine(model, spec: AnyRun, ds_config: dict[str, Any], total_steps: in
     return engine
 
 
+def inference_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """A trained model's DeepSpeed config made fit for a frozen one (a reference, a reward
+    model): no optimizer, scheduler or offloaded optimizer; ZeRO-3 stays (partitioned like
+    the trained model), lower stages become 0 (nothing to shard without optimizer state)."""
+    import copy
+
+    config = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage") != 3:
+        zero["stage"] = 0
+    return config
+
+
+def frozen_engine(model, config: dict[str, Any]):
+    """An inference-mode DeepSpeed engine of `model` under `config` (see inference_config)."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
 def param_groups(named_parameters: Iterable[tuple[str, Any]], groups: Sequence[ParamGroupSpec],
                  lr: float) -> list[dict[str, Any]]:
     """Optimizer param groups of the trainable parameters: each joins the first of `groups`

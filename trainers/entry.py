@@ -62,6 +62,15 @@ def run_job() -> int:
         if summary is None:
             return 130  # interrupted (as by SIGINT): nothing marks the search finished
         summary.update(finished_at=time.time())
+    elif spec.method == "ppo":  # its roles are Ray actor groups of its own, not a TorchTrainer
+        from trainers import ppo
+
+        prepared, _, total_steps = prepare_run(spec)
+        metrics = ppo.run(spec, run, prepared, resume_from)
+        summary = {"status": "completed", "run": run, "model": storage.join(run, "model"),
+                   "total_steps": total_steps, "metrics": metrics, "finished_at": time.time()}
+        if spec.model.peft is not None:
+            summary["adapter"] = storage.join(run, "adapter")
     else:
         prepared, per_epoch, total_steps = prepare_run(spec)
         result = fit(spec, run, prepared, per_epoch, total_steps, resume_from)
@@ -87,6 +96,10 @@ def prepare_run(spec: AnyRun, label: str = "") -> tuple[data.Prepared, int, int]
         check_stream_capacity(spec)
         print(f"data{label}: streaming the training data (read, tokenized and packed as it trains; not counted up "
               f"front), {prepared.eval_rows} eval sequences prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+        return prepared, None, spec.train.max_steps
+    if spec.method == "ppo":  # prompts alone: the policy writes the responses
+        print(f"data{label}: {prepared.rows} train prompts, {prepared.eval_rows} eval; {prepared.tokens:,} prompt "
+              f"tokens (at most {spec.data.max_seq_len} each); prepared in {time.perf_counter() - t0:.1f}s", flush=True)
         return prepared, None, spec.train.max_steps
     if prepared.packing_efficiency is None:  # comparisons: a prompt and its responses per row, unpacked
         print(f"data{label}: {prepared.rows} train prompts with their ranked responses (at most "
@@ -152,6 +165,10 @@ def check_data(spec: AnyRun) -> None:
     if problems:
         raise JobUserError("; ".join(problems), hint="fix the rows, or the dataset's `format` and field options")
     check_chat_template(spec)
+    if spec.method == "ppo":
+        from trainers import ppo
+
+        ppo.check(spec)
     if spec.eval.fewshot is not None:  # read here, on the driver: its errors are one line, not a worker's traceback
         from trainers import fewshot
 

@@ -29,6 +29,11 @@ class Rollout:
     def responses(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_width:]
 
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """The samples at `index` (a mini-batch), in the same layout."""
+        return Rollout(self.sequences[index], self.attention_mask[index], self.response_mask[index],
+                       self.group[index], self.prompt_width)
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask), both (B, P): each prompt right-aligned, so generation continues
@@ -54,10 +59,12 @@ def response_mask(responses: torch.Tensor, eos_id: int | Sequence[int]) -> torch
 
 def hf_generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int, max_new_tokens: int,
                 pad_id: int, eos_id: int | Sequence[int], temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0) -> Rollout:
+                top_k: int = 0, synced_gpus: bool = False) -> Rollout:
     """Sample `samples_per_prompt` responses per prompt with transformers' `generate`
     (top_k 0: no top-k cut, unlike generate's default of 50, so that the sampling
-    distribution is the policy's own and its log-probs are what the losses use)."""
+    distribution is the policy's own and its log-probs are what the losses use).
+    `synced_gpus`: ZeRO-3, whose every forward gathers weights from all ranks, so each rank
+    goes on until all have finished."""
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.repeat_interleave(samples_per_prompt, 0), mask.repeat_interleave(samples_per_prompt, 0)
     device = next(model.parameters()).device
@@ -67,7 +74,7 @@ def hf_generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: 
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 pad_token_id=pad_id, eos_token_id=eos_id)
+                                 pad_token_id=pad_id, eos_token_id=eos_id, synced_gpus=synced_gpus)
     finally:
         model.train(was_training)
     out = out.cpu()

@@ -97,7 +97,7 @@ def setup(config: dict[str, Any], *, load_model: Callable = models.load_model) -
     tokenizer = models.load_tokenizer(model_dir, spec.model.trust_remote_code, spec.data.chat_template)
     dtype = precision(spec, use_gpu)
     ds_config = deepspeed_config(spec, use_gpu=use_gpu, total_steps=config["total_steps"],
-                                 hidden_size=_hidden_size(model_dir, spec.model.trust_remote_code))
+                                 hidden_size=models.hidden_size(model_dir, spec.model.trust_remote_code))
     init_distributed()
     model = load_model(spec, model_dir, dtype, ds_config, pad_token_id=tokenizer.pad_token_id)
     engine = build_engine(model, spec, ds_config, config["total_steps"])
@@ -337,10 +337,3 @@ def _log(s: Session, window: dict[str, Any]) -> None:
 def _local_shuffle(spec: AnyRun) -> int | None:
     """Rows of the local shuffle buffer: a stream is not shuffled up front."""
     return spec.data.shuffle_buffer if spec.data.streaming and spec.data.shuffle else None
-
-
-def _hidden_size(model_dir: str, trust_remote_code: bool) -> int | None:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    return getattr(cfg, "hidden_size", None)

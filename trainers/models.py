@@ -54,23 +54,40 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_templat
     return tok
 
 
+def hidden_size(model_dir: str, trust_remote_code: bool = False) -> int | None:
+    """The model's hidden size (DeepSpeed's ZeRO-3 bucket sizes follow it)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return getattr(cfg, "hidden_size", None)
+
+
 def torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def model_class(spec: AnyRun):
-    """The transformers auto class a method trains: a causal LM, or for `reward` the same
-    backbone with a scalar head (`AutoModelForSequenceClassification`, one label)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if spec.method == "reward" else AutoModelForCausalLM
+HEADS = {"score": "SEQ_CLS", "value": "TOKEN_CLS"}  # scalar heads: a reward model's, a critic's (peft task types)
 
 
-def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, Any], *, pad_token_id: int | None = None):
+def model_class(spec: AnyRun, head: str | None = None):
+    """The transformers auto class a method trains: a causal LM, or the same backbone with a
+    scalar head: `score` (a reward model, and `method: reward`'s default) reads one value
+    per sequence (`AutoModelForSequenceClassification`, one label), `value` (a PPO critic)
+    one per token (`AutoModelForTokenClassification`, one label)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    head = head or ("score" if spec.method == "reward" else None)
+    return {"score": AutoModelForSequenceClassification, "value": AutoModelForTokenClassification}.get(
+        head, AutoModelForCausalLM)
+
+
+def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, Any], *, pad_token_id: int | None = None,
+               head: str | None = None):
     """The model ready for `deepspeed.initialize`: LoRA-wrapped or with frozen parameters.
-    A reward model's head reads the score at the last token that is not `pad_token_id`."""
+    `head` as for `model_class`; a `score` head reads the score at the last token that is
+    not `pad_token_id`."""
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     # With ZeRO-3 this makes from_pretrained build the model already partitioned over
@@ -79,13 +96,13 @@ def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, An
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     _keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
     quantize = spec.model.peft is not None and spec.model.peft.quantize == "4bit"
-    reward = spec.method == "reward"
-    model = model_class(spec).from_pretrained(
+    head = head or ("score" if spec.method == "reward" else None)
+    model = model_class(spec, head).from_pretrained(
         model_dir, dtype=torch_dtype(dtype), trust_remote_code=spec.model.trust_remote_code,
-        **(_4bit_kwargs(dtype) if quantize else {}), **({"num_labels": 1} if reward else {}),
+        **(_4bit_kwargs(dtype) if quantize else {}), **({"num_labels": 1} if head else {}),
     )
     model.config.use_cache = False
-    if reward:
+    if head:
         model.config.pad_token_id = pad_token_id
     if quantize:
         _prepare_4bit(model)
@@ -95,7 +112,7 @@ def load_model(spec: AnyRun, model_dir: str, dtype: str, ds_config: dict[str, An
         p = spec.model.peft
         model = get_peft_model(model, LoraConfig(
             r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules,
-            task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS: the new head trains in full
+            task_type=HEADS.get(head, "CAUSAL_LM"),  # SEQ_CLS, TOKEN_CLS: the new head trains in full
         ))
     for pattern in spec.model.freeze:
         rx = re.compile(pattern)
