@@ -296,8 +296,14 @@ def evaluate(spec: PpoRun, groups: Groups, eval_prompts: list[list[int]], score_
     scored = score(no_kl, Groups({"reward": groups["reward"]}, groups.placement), rollouts, score_text, tokenizer)
     values = [v for s in scored for v in s["scores"].tolist()]
     lengths = [float(x) for s in scored for x in s["rollout"].response_mask.sum(1).tolist()]
+    ro = scored[0]["rollout"]  # one sample, as ids and text: what the reward was given
+    sample = {"prompt_ids": ro.sequences[0, :ro.prompt_width][ro.attention_mask[0, :ro.prompt_width] == 1].tolist(),
+              "response_ids": ro.responses[0][ro.response_mask[0] == 1].tolist(),
+              "reward": round(float(scored[0]["scores"][0]), 6)}
+    prompt, response = (tokenizer.decode(sample[k], skip_special_tokens=True) for k in ("prompt_ids", "response_ids"))
+    print(f"sample: {prompt!r} -> {response!r}: reward {sample['reward']:.4f}", flush=True)
     return {"eval_reward": round(statistics.fmean(values), 6), "eval_reward_std": round(statistics.pstdev(values), 6),
-            "eval_response_length": round(statistics.fmean(lengths), 3)}
+            "eval_response_length": round(statistics.fmean(lengths), 3), "eval_sample": sample}
 
 
 # ---------------------------------------------------------------- checkpoints

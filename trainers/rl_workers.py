@@ -208,7 +208,7 @@ class RoleWorker:
 
     def _mean(self, sums: dict[str, float]) -> dict[str, float]:
         out = {k: v / max(1, self._steps) for k, v in sums.items()}
-        out["lr"] = self.engine.get_lr()[0]
+        out["lr" if self.role == "actor" else f"{self.role}_lr"] = self.engine.get_lr()[0]
         return out
 
     # ------------------------------------------------------------ checkpoints and export

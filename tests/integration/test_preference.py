@@ -58,6 +58,17 @@ def test_reward_model_learns_the_rule_and_exports_a_sequence_classifier(launch, 
             right += int(scores[0] > scores[1])
     assert right / len(held_out_pairs()) >= 0.9, right
 
+    # The exported model is the reward model of a PPO run: a reward group of its own scores
+    # the responses, and the critic starts from it.
+    ppo = launch("configs/examples/ppo.yaml", f"checkpoint.storage={tmp_path / 'runs'}", "ppo.reward_fn=null",
+                 f"ppo.reward_model={run}", "train.max_steps=2", "train.eval_at_start=false")
+    assert_ok(ppo)
+    assert "reward: 2 workers" in output(ppo) and re.search(r"reward: .*, 0 trainable", output(ppo))
+    sample = next(m for m in metrics(run_dir(ppo)) if "eval_sample" in m)["eval_sample"]
+    with torch.no_grad():  # the logged reward is this model's score of the logged sample
+        score = model(input_ids=torch.tensor([sample["prompt_ids"] + sample["response_ids"]])).logits[0, 0]
+    assert float(score) == pytest.approx(sample["reward"], abs=1e-4), (float(score), sample)
+
 
 def test_ranking_encodes_each_response_once_per_step(launch, tmp_path):
     proc = launch("configs/examples/ranking.yaml", f"checkpoint.storage={tmp_path / 'runs'}")

@@ -1,0 +1,143 @@
+"""`method: ppo` without Ray: the spec's rules, the roles and their seats, prompt data, the
+order prompts are drawn in, the launcher's checks of the reward, and the progress lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from launcher import preflight
+from launcher.errors import SpecError
+from launcher.output import describe
+from tests.conftest import REPO
+from trainers import rl_placement
+from trainers.spec import parse_spec
+
+EXAMPLES = REPO / "configs/examples"
+
+
+def spec(**ppo):
+    base = {"name": "rl", "method": "ppo", "model": {"path": str(EXAMPLES / "tiny-llama")},
+            "data": {"train": [{"path": str(EXAMPLES / "data/prompts.jsonl"), "format": "prompt"}]},
+            "train": {"max_steps": 4}, "resources": {"workers": 2},
+            "ppo": {"reward_fn": "rewards:letter_e", **ppo}}
+    return base
+
+
+def errors(data) -> str:
+    with pytest.raises(ValidationError) as e:
+        parse_spec(data)
+    return str(e.value)
+
+
+def test_the_spec_names_what_is_wrong():
+    assert "set exactly one of ppo.reward_model" in errors(spec(reward_model="runs/rm"))
+    assert "use module:function" in errors(spec(reward_fn="rewards.letter_e"))
+    assert "samples_per_prompt: grpo compares" in errors(spec(advantage="grpo", samples_per_prompt=1))
+    assert "must be a multiple of resources.workers" in errors(spec(prompts_per_iteration=3))
+    assert "ppo.mini_batches (3) must divide" in errors(spec(mini_batches=3))  # 4 prompts x 4 samples
+    data = spec()
+    data["train"] = {}
+    assert "ppo counts iterations: set train.max_steps" in errors(data)
+    data = spec()
+    data["data"]["train"][0]["format"] = "messages"
+    assert "data.train[0].format is 'messages'; use prompt" in errors(data)
+    assert parse_spec(spec()).ppo.advantage == "gae"
+
+
+def test_roles_follow_the_advantage_the_reward_and_lora():
+    assert rl_placement.roles(parse_spec(spec())) == ["actor", "critic", "reference"]
+    assert rl_placement.roles(parse_spec(spec(advantage="grpo"))) == ["actor", "reference"]
+    assert rl_placement.roles(parse_spec(spec(advantage="rloo", kl_coef=0))) == ["actor"]
+    with_model = spec(reward_model="runs/rm")
+    del with_model["ppo"]["reward_fn"]
+    assert rl_placement.roles(parse_spec(with_model)) == ["actor", "critic", "reference", "reward"]
+    lora = spec()
+    lora["model"]["peft"] = {"r": 4}
+    assert rl_placement.roles(parse_spec(lora)) == ["actor", "critic"]  # the reference: adapters off
+
+
+def test_colocated_roles_share_bundles_spread_ones_do_not():
+    s = parse_spec(spec())
+    assert rl_placement.bundles(s, 1) == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    seats = rl_placement.seats(s, 1)
+    assert [(x.role, x.rank, x.bundle) for x in seats] == [
+        ("actor", 0, 0), ("actor", 1, 1), ("critic", 0, 0), ("critic", 1, 1), ("reference", 0, 0), ("reference", 1, 1)]
+    assert {(x.cpus, x.gpus) for x in seats} == {(1 / 3, 1 / 3)}
+    spread = parse_spec(spec(placement="spread"))
+    assert len(rl_placement.bundles(spread, 0)) == 6 and rl_placement.needs(spread, 0) == {"CPU": 6.0}
+    assert [x.bundle for x in rl_placement.seats(spread, 0)] == list(range(6))
+    assert {(x.cpus, x.gpus) for x in rl_placement.seats(spread, 0)} == {(1.0, 0.0)}
+
+
+def test_prompts_are_drawn_in_a_seeded_permutation_per_pass():
+    from trainers.ppo import prompt_order
+
+    first_pass = prompt_order(10, 0, 5, seed=3) + prompt_order(10, 1, 5, seed=3)
+    assert sorted(first_pass) == list(range(10))  # every prompt once per pass
+    assert prompt_order(10, 1, 5, seed=3) == prompt_order(10, 1, 5, seed=3)  # the position is the iteration
+    assert sorted(prompt_order(10, 2, 5, seed=3) + prompt_order(10, 3, 5, seed=3)) == list(range(10))
+    assert prompt_order(10, 2, 5, seed=3) + prompt_order(10, 3, 5, seed=3) != first_pass
+
+
+def test_prompt_rows_are_checked_and_tokenized_as_the_policy_continues_them():
+    from trainers import data, data_check, models
+    from trainers.spec import DatasetSpec
+
+    ds = DatasetSpec(path="p.jsonl", format="prompt")
+    assert data_check.row_problem({"prompt": "  "}, ds) == "field `prompt` is an empty prompt"
+    assert "ends with an assistant turn" in data_check.row_problem(
+        {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, ds)
+    assert "must be a string or a list of chat turns" in data_check.row_problem({"prompt": 3}, ds)
+    tok = models.load_tokenizer(str(EXAMPLES / "tiny-llama"))
+    assert data.tokenize_prompt({"prompt": "Say hi."}, ds, tok) == [tok.bos_token_id] + tok.encode(
+        "Say hi.", add_special_tokens=False)
+    chat = data.tokenize_prompt({"prompt": [{"role": "user", "content": "Say hi."}]}, ds, tok)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert chat == tok(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_launcher_checks_the_reward_function_before_anything_starts(tmp_path):
+    (tmp_path / "rules.py").write_text("def score(prompts):\n    return [0.0] * len(prompts)\n")
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    for ref, message in [("rules:score", "must take two arguments"), ("broken:score", "importing `broken`"),
+                         ("absent:score", "no module `absent`")]:
+        s = parse_spec(spec(reward_fn=ref))
+        with pytest.raises(SpecError) as e:
+            preflight.check_spec(s, str(tmp_path / "run.yaml"))
+        assert "ppo.reward_fn" in str(e.value) and message in str(e.value), str(e.value)
+    s = parse_spec(spec(reward_model=str(tmp_path / "no-run"), reward_fn=None))
+    with pytest.raises(SpecError, match="ppo.reward_model"):
+        preflight.check_spec(s, str(tmp_path / "run.yaml"))
+
+
+def test_a_reward_module_file_travels_as_a_package_of_its_name():
+    s = parse_spec(spec())
+    [shipped] = preflight.user_modules(s, str(EXAMPLES / "grpo.yaml"))
+    out = subprocess.run([sys.executable, "-c", "import rewards, sys; print(rewards.letter_e([''], ['eek'])[0])"],
+                         cwd=str(__import__("pathlib").Path(shipped).parent), capture_output=True, text=True)
+    assert out.returncode == 0 and float(out.stdout) == pytest.approx(2 / 3), out.stderr
+
+
+def test_cli_validate_exits_2_naming_the_reward_function(tmp_path):
+    text = (EXAMPLES / "grpo.yaml").read_text().replace("rewards:letter_e", "rewards:no_such_function")
+    (tmp_path / "grpo.yaml").write_text(text.replace("tiny-llama", str(EXAMPLES / "tiny-llama"))
+                                        .replace("data/", str(EXAMPLES / "data") + "/"))
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(tmp_path / "grpo.yaml")],
+                          cwd=REPO, capture_output=True, text=True)
+    # rewards.py is not beside this copy of the spec, so the module is not found either
+    assert proc.returncode == 2 and "ppo.reward_fn" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_progress_lines_show_the_reward_and_the_kl():
+    line = {"step": 3, "total_steps": 12, "loss": -0.04, "lr": 0.01, "tokens_per_s": 1500.0, "reward_mean": 0.25,
+            "reward_std": 0.06, "kl": 1.5}
+    assert describe(line) == "step 3/12  loss -0.0400  reward 0.2500 (std 0.060)  kl 1.5000  lr 1.00e-02  1,500 tok/s"
+    ev = {"step": 6, "eval_reward": 0.31, "eval_reward_std": 0.05, "eval_sample": {"reward": 0.3}}
+    assert describe(ev) == "step 6: eval  reward 0.31  reward_std 0.05"
+    assert json.dumps(ev)
