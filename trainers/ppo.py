@@ -50,9 +50,11 @@ class Groups:
 
 
 def run(spec: PpoRun, run_uri: str, prepared, resume_from: str | None,
-        report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        report: Callable[[dict[str, Any]], None] | None = None, tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, restarting from the newest complete checkpoint when a worker dies; export
-    the actor. Returns the last metrics."""
+    the actor. Returns the last metrics. `report` (a search's trial) receives each
+    iteration's metrics, with `_checkpoint: True` once a complete checkpoint holds them;
+    `tags` go on every metrics line (the trial's id)."""
     import ray
 
     prompts = _prompt_ids(prepared.train)
@@ -63,7 +65,7 @@ def run(spec: PpoRun, run_uri: str, prepared, resume_from: str | None,
         try:
             groups = start(spec)
             state = restore(spec, groups, resume_from)
-            return train(spec, run_uri, groups, prompts, eval_prompts, state, report)
+            return train(spec, run_uri, groups, prompts, eval_prompts, state, report, tags or {})
         except ray.exceptions.RayActorError as e:
             if restarts >= spec.ppo.max_restarts:
                 raise
@@ -168,7 +170,7 @@ def gather(refs: list) -> list:
 # ---------------------------------------------------------------- the iterations
 
 def train(spec: PpoRun, run_uri: str, groups: Groups, prompts: list[list[int]], eval_prompts: list[list[int]],
-          state: RunState, report=None) -> dict[str, Any]:
+          state: RunState, report=None, tags: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     from trainers.rl_experience import make_experience
@@ -178,8 +180,9 @@ def train(spec: PpoRun, run_uri: str, groups: Groups, prompts: list[list[int]], 
     tokenizer = models.load_tokenizer(models.local_model_dir(spec.model.path, weights=False),
                                       spec.model.trust_remote_code, spec.data.chat_template)
     n = spec.resources.workers
+    tags = tags or {}
     if spec.train.eval_at_start and state.step == 0 and eval_prompts:
-        _emit(state, evaluate(spec, groups, eval_prompts, score_text, tokenizer), report)
+        _emit(state, evaluate(spec, groups, eval_prompts, score_text, tokenizer), tags)
     last: dict[str, Any] = {}
     while state.step < total:
         it = state.step
@@ -220,13 +223,16 @@ def train(spec: PpoRun, run_uri: str, groups: Groups, prompts: list[list[int]], 
         state.step = it + 1
         if p.kl_target is not None and p.kl_coef > 0:
             state.kl_coef = _adapted(state.kl_coef, float(kl.mean()), len(all_scores), p)
-        last = _emit(state, {k: round(v, 6) if isinstance(v, float) else v for k, v in line.items()}, report)
+        last = _emit(state, {k: round(v, 6) if isinstance(v, float) else v for k, v in line.items()}, tags)
         done = state.step == total
         if eval_prompts and (done or (spec.train.eval_every and state.step % spec.train.eval_every == 0)):
-            last = last | _emit(state, evaluate(spec, groups, eval_prompts, score_text, tokenizer), report)
+            last = last | _emit(state, evaluate(spec, groups, eval_prompts, score_text, tokenizer), tags)
         every = spec.checkpoint.every_n_steps
-        if done or (every and state.step % every == 0):
+        saved = done or bool(every and state.step % every == 0)
+        if saved:
             save(spec, run_uri, groups, state, last)
+        if report is not None:
+            report({k: v for k, v in last.items() if k != "eval_sample"} | ({"_checkpoint": True} if saved else {}))
     gather([w.export.remote(run_uri) for w in groups["actor"]])
     print(f"model exported to {run_uri}/model", flush=True)
     return last
@@ -357,10 +363,8 @@ def _mean_over(results: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.fmean(r[k] for r in results) for k in results[0]}
 
 
-def _emit(state: RunState, metrics: dict[str, Any], report) -> dict[str, Any]:
-    line = {"step": state.step, **metrics}
+def _emit(state: RunState, metrics: dict[str, Any], tags: dict[str, Any]) -> dict[str, Any]:
+    line = {"step": state.step, **metrics, **tags}
     state.metrics.append(line)
     print(PROGRESS + json.dumps(line), flush=True)
-    if report is not None:
-        report(line)
     return line

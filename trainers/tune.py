@@ -71,11 +71,16 @@ def capacity_concurrency(spec: AnyRun, resources: dict[str, float]) -> int:
     """Trials the cluster holds at once: each needs its workers plus its driver's CPU.
     More would wait for placement groups that never come (Ray Train retries forever)."""
     r = spec.resources
-    cpus = r.workers * r.cpus_per_worker + DRIVER_CPUS
-    fits = [resources.get("CPU", 0) // cpus]
     gpus = r.worker_gpus(resources)
-    if gpus:
-        fits.append(resources.get("GPU", 0) // (r.workers * gpus))
+    if spec.method == "ppo":  # a placement group of its roles' bundles
+        from trainers import rl_placement
+
+        need = rl_placement.needs(spec, gpus)
+    else:
+        need = {"CPU": r.workers * r.cpus_per_worker, **({"GPU": r.workers * gpus} if gpus else {})}
+    fits = [resources.get("CPU", 0) // (need["CPU"] + DRIVER_CPUS)]
+    if need.get("GPU"):
+        fits.append(resources.get("GPU", 0) // need["GPU"])
     return max(1, int(min(fits)))
 
 
@@ -233,8 +238,13 @@ def _run_trial(spec: AnyRun, trial_run: str, prepared: data.Prepared, per_epoch:
 
     def fit() -> None:
         try:
-            entry.fit(spec, trial_run, prepared, per_epoch, total_steps, start, trial=trial_id,
-                      callbacks=[_forwarder(reports)])
+            if spec.method == "ppo":  # its own actor groups: it reports each iteration itself
+                from trainers import ppo
+
+                ppo.run(spec, trial_run, prepared, start, report=reports.put, tags={"trial": trial_id})
+            else:
+                entry.fit(spec, trial_run, prepared, per_epoch, total_steps, start, trial=trial_id,
+                          callbacks=[_forwarder(reports)])
         except BaseException as e:  # raised again in the trial, where Tune sees it
             outcome["error"] = e
 

@@ -141,3 +141,35 @@ def test_progress_lines_show_the_reward_and_the_kl():
     ev = {"step": 6, "eval_reward": 0.31, "eval_reward_std": 0.05, "eval_sample": {"reward": 0.3}}
     assert describe(ev) == "step 6: eval  reward 0.31  reward_std 0.05"
     assert json.dumps(ev)
+
+
+@pytest.mark.parametrize("example", ["grpo.yaml", "ppo.yaml"])
+def test_examples_render_for_prod_with_remote_paths(example):
+    import yaml
+
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "render", f"configs/examples/{example}", "--cluster",
+                           "prod", "model.path=s3://models/tiny-llama", "data.train.0.path=s3://data/prompts.jsonl",
+                           "data.eval.0.path=s3://data/heldout.jsonl", "checkpoint.storage=s3://runs"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [d["kind"] for d in yaml.safe_load_all(proc.stdout)] == ["RayCluster"]
+    local = subprocess.run([sys.executable, "-m", "launcher.cli", "render", f"configs/examples/{example}", "--cluster",
+                            "prod"], cwd=REPO, capture_output=True, text=True)
+    assert local.returncode == 2 and "model.path: a remote cluster cannot read this machine's files" in local.stderr
+
+
+def test_a_search_over_ppo_knobs_is_valid_and_sized_by_the_roles_bundles():
+    from trainers.tune import capacity_concurrency
+    from trainers.tune_spec import search_space_problems
+
+    data = spec(placement="spread")
+    data["data"]["eval"] = [{"path": str(EXAMPLES / "data/prompts_heldout.jsonl"), "format": "prompt"}]
+    data["tune"] = {"metric": "eval_reward", "mode": "max", "num_samples": 2,
+                    "search_space": {"ppo.kl_coef": {"grid": [0.01, 0.1]}, "ppo.clip": {"uniform": [0.1, 0.3]}}}
+    s = parse_spec(data)
+    assert search_space_problems(s.model_dump(mode="json"), type(s)) == []
+    # spread: 3 roles x 2 workers x 1 CPU, plus the trial's driver (half a CPU)
+    assert capacity_concurrency(s, {"CPU": 13.0}) == 2 and capacity_concurrency(s, {"CPU": 12.9}) == 1
+    data["tune"]["search_space"] = {"ppo.kl_coeff": {"grid": [0.01, 0.1]}}
+    problems = search_space_problems(data | {"tune": data["tune"]}, type(s))
+    assert problems and "ppo.kl_coef" in str(problems), problems
