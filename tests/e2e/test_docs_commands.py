@@ -47,6 +47,8 @@ RUN_ELSEWHERE = {
     "launch configs/examples/transfer.yaml": "test_transfer.py (the child of a quickstart parent on S3)",
     "launch configs/examples/fewshot.yaml": "test_fewshot_run.py (the example as shipped)",
     "launch configs/examples/qlora.yaml": "test_qlora_train.py",
+    "launch configs/examples/grpo.yaml": "test_ppo.py (as shipped, with spread roles)",
+    "launch configs/examples/ppo.yaml": "test_ppo.py (as shipped, an actor worker killed mid-run)",
 }
 
 
