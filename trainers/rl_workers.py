@@ -161,53 +161,52 @@ class RoleWorker:
         and with `kl_in: loss` the KL to the reference as a loss term."""
         p = self.spec.ppo
         dev = self.engine.device
-        sums: dict[str, float] = {}
-        for index in self._mini_batches(rollout, seed):
-            mb = rollout.select(index)
-            mask = mb.response_mask.to(dev).float()
+
+        def loss(mb: generation.Rollout, index: torch.Tensor, mask: torch.Tensor):
             logp, logits = generation.response_logps(self.engine, mb, p.temperature)
-            loss, clip_frac = rl_losses.policy_loss(logp, old_logp[index].to(dev), advantages[index].to(dev), mask,
-                                                    clip=p.clip, dual_clip=p.dual_clip)
+            old = old_logp[index].to(dev)
+            surrogate, clip_frac = rl_losses.policy_loss(logp, old, advantages[index].to(dev), mask, clip=p.clip,
+                                                         dual_clip=p.dual_clip)
             entropy = rl_losses.entropy(logits, mask)
-            total = loss - p.entropy_coef * entropy
+            total = surrogate - p.entropy_coef * entropy
             if p.kl_in == "loss" and ref_logp is not None and kl_coef:
                 total = total + kl_coef * rl_losses.masked_mean(
                     rl_losses.kl_estimate(logp, ref_logp[index].to(dev), p.kl_estimator), mask)
-            self.engine.backward(total)
-            self.engine.step()
-            approx_kl = rl_losses.masked_mean(0.5 * (logp - old_logp[index].to(dev)) ** 2, mask)
-            for k, v in {"policy_loss": loss, "clip_frac": clip_frac, "entropy": entropy,
-                         "approx_kl": approx_kl}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        return self._mean(sums)
+            return total, {"policy_loss": surrogate, "clip_frac": clip_frac, "entropy": entropy,
+                           "approx_kl": rl_losses.masked_mean(0.5 * (logp - old) ** 2, mask)}
+
+        return self._train(rollout, seed, loss)
 
     def train_values(self, rollout: generation.Rollout, old_values: torch.Tensor, returns: torch.Tensor,
                      seed: int) -> dict[str, float]:
         """The critic's epochs over the same mini-batches: the clipped value loss."""
-        p = self.spec.ppo
         dev = self.engine.device
-        sums: dict[str, float] = {}
-        for index in self._mini_batches(rollout, seed):
-            mb = rollout.select(index)
-            mask = mb.response_mask.to(dev).float()
-            loss = rl_losses.value_loss(self._values(mb), old_values[index].to(dev), returns[index].to(dev), mask,
-                                        clip=p.value_clip)
-            self.engine.backward(loss)
-            self.engine.step()
-            sums["value_loss"] = sums.get("value_loss", 0.0) + float(loss.detach())
-        return self._mean(sums)
 
-    def _mini_batches(self, rollout: generation.Rollout, seed: int):
+        def loss(mb: generation.Rollout, index: torch.Tensor, mask: torch.Tensor):
+            value_loss = rl_losses.value_loss(self._values(mb), old_values[index].to(dev), returns[index].to(dev),
+                                              mask, clip=self.spec.ppo.value_clip)
+            return value_loss, {"value_loss": value_loss}
+
+        return self._train(rollout, seed, loss)
+
+    def _train(self, rollout: generation.Rollout, seed: int, loss_fn) -> dict[str, float]:
+        """`ppo.epochs` passes over the share in `ppo.mini_batches` seeded mini-batches (as
+        many on every rank: each step all-reduces), one optimizer step each; returns the
+        metrics averaged over the steps, and the learning rate."""
         p = self.spec.ppo
         g = torch.Generator().manual_seed(seed)
-        self._steps = 0
+        sums: dict[str, float] = {}
+        steps = 0
         for _ in range(p.epochs):
             for index in torch.randperm(rollout.sequences.shape[0], generator=g).chunk(p.mini_batches):
-                self._steps += 1
-                yield index
-
-    def _mean(self, sums: dict[str, float]) -> dict[str, float]:
-        out = {k: v / max(1, self._steps) for k, v in sums.items()}
+                mb = rollout.select(index)
+                total, metrics = loss_fn(mb, index, mb.response_mask.to(self.engine.device).float())
+                self.engine.backward(total)
+                self.engine.step()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                steps += 1
+        out = {k: v / steps for k, v in sums.items()}
         out["lr" if self.role == "actor" else f"{self.role}_lr"] = self.engine.get_lr()[0]
         return out
 
