@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     home = tempfile.mkdtemp(prefix="bench-rl-", dir="/tmp")
     env = {**os.environ, "LLMLAUNCH_HOME": home}
     subprocess.run([*LAUNCH, "up", "local"], cwd=REPO, env=env, check=True, capture_output=True)
@@ -75,7 +76,7 @@ def main() -> None:
         print(json.dumps(results, indent=1))
         return
     print(f"ppo.yaml, {args.iterations} iterations ({args.warmup} warmup left out), 2 workers per role, "
-          f"{2 * args.cpus:g} CPUs in all, load average before: {os.getloadavg()[0]:.2f}")
+          f"{2 * args.cpus:g} CPUs in all, load average before: {load_before:.2f}")
     print(f"{'':10}{'bundle CPUs':>12}{'rollout tok/s':>15}{'train samples/s':>17}{'gen s':>8}{'score s':>9}"
           f"{'train s':>9}{'wall s':>8}")
     for p, r in results.items():
