@@ -49,7 +49,7 @@ def assert_learned(rows: list[dict]) -> dict:
     chance = random_policy_reward()
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 12, evals
     # Measured: 0.092 at the start (e is the initial model's most common letter), 0.25 (PPO)
-    # and 0.31 (GRPO) after 12 iterations; a random policy scores about 0.03.
+    # and 0.31 (GRPO) after 12 iterations; uniformly random tokens score 0.10.
     assert end > start + 0.08 and end > chance + 0.1, (start, end, chance)
     # A policy that wrote only "e" would be ~log(512) = 6.2 nats per token from the
     # reference; the KL term keeps it far below.
