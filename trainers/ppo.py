@@ -278,8 +278,7 @@ def score(spec: PpoRun, groups: Groups, rollouts: dict[str, Any], score_text, to
     got = {name: flat[i * n:(i + 1) * n] for i, name in enumerate(names)}
     out = []
     for r, ro in enumerate(rollouts["local"]):
-        scores = got["scores"][r] if "scores" in got else torch.tensor(
-            reward_fn.scores(score_text, *decode(tokenizer, ro)), dtype=torch.float32)
+        scores = got["scores"][r] if "scores" in got else _function_scores(score_text, *decode(tokenizer, ro))
         out.append({"rollout": ro, "old_logp": rollouts["old_logp"][r], "scores": scores,
                     "ref_logp": got["ref_logp"][r] if "ref_logp" in got else None,
                     "values": got["values"][r] if "values" in got else None})
@@ -347,6 +346,19 @@ def _prompt_ids(ds) -> list[list[int]]:
     from trainers.data import PROMPT_COLUMN
 
     return [list(map(int, row[PROMPT_COLUMN])) for row in ds.iter_rows()]
+
+
+def _function_scores(fn, prompts: list[str], responses: list[str]):
+    """The reward function's scores of one share; what it got wrong is the user's to fix
+    (exit 2 with its message), not a traceback."""
+    import torch
+
+    from trainers.user_errors import JobUserError
+
+    try:
+        return torch.tensor(reward_fn.scores(fn, prompts, responses), dtype=torch.float32)
+    except ValueError as e:
+        raise JobUserError(str(e), hint="a reward function returns one finite number per response") from None
 
 
 def _reward_function(spec: PpoRun):

@@ -173,3 +173,23 @@ def test_a_search_over_ppo_knobs_is_valid_and_sized_by_the_roles_bundles():
     data["tune"]["search_space"] = {"ppo.kl_coeff": {"grid": [0.01, 0.1]}}
     problems = search_space_problems(data | {"tune": data["tune"]}, type(s))
     assert problems and "ppo.kl_coef" in str(problems), problems
+
+
+def test_a_reward_function_that_returns_the_wrong_count_is_the_users_error():
+    import torch
+
+    from trainers import generation, models, ppo
+    from trainers.user_errors import JobUserError
+
+    tok = models.load_tokenizer(str(EXAMPLES / "tiny-llama"))
+    ids, mask = generation.left_pad([[0, 40, 41], [0, 42]], tok.pad_token_id)
+    responses = torch.tensor([[43, 44], [45, tok.eos_token_id]])
+    r_mask = generation.response_mask(responses, tok.eos_token_id)
+    ro = generation.Rollout(torch.cat([ids, responses], 1), torch.cat([mask, r_mask], 1), r_mask,
+                            torch.tensor([0, 1]), ids.shape[1])
+    no_kl = parse_spec(spec(advantage="rloo", kl_coef=0))
+    rollouts = {"refs": [None], "local": [ro], "old_logp": [torch.zeros(2, 2)]}
+    scored = ppo.score(no_kl, ppo.Groups({}, None), rollouts, lambda p, r: [len(x) for x in r], tok)
+    assert scored[0]["scores"].tolist() == [float(len(x)) for x in ppo.decode(tok, ro)[1]]
+    with pytest.raises(JobUserError, match="ppo.reward_fn: returned 1 scores for 2 responses"):
+        ppo.score(no_kl, ppo.Groups({}, None), rollouts, lambda p, r: [0.0], tok)
