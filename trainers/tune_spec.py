@@ -12,17 +12,14 @@ import difflib
 import math
 from typing import Any, Literal, Union, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from trainers.spec_base import Strict
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
-                              allow_inf_nan=False)
-
-
-class Distribution(_Strict):
+class Distribution(Strict):
     """One of: `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}` (lo > 0), `{randint: [lo, hi]}`
     (integers, both ends included), `{choice: [a, b, ...]}` (sampled), `{grid: [a, b, ...]}`
     (every value, `num_samples` times each)."""
@@ -69,7 +66,7 @@ class Distribution(_Strict):
                                                          else math.sqrt(lo * hi), hi]
 
 
-class AshaSpec(_Strict):
+class AshaSpec(Strict):
     """Asynchronous successive halving: trials are compared at steps grace_period x
     reduction_factor^k; the worst stop early and free their resources."""
 
@@ -82,13 +79,13 @@ class AshaSpec(_Strict):
     """Steps of a trial that is never stopped (default: `train.max_steps`)."""
 
 
-class FifoSpec(_Strict):
+class FifoSpec(Strict):
     """Every trial runs to the end."""
 
     type: Literal["fifo"]
 
 
-class PbtSpec(_Strict):
+class PbtSpec(Strict):
     """Population-based training: every `perturbation_interval` steps, a trial in the bottom
     `quantile_fraction` copies the newest checkpoint of one in the top and goes on from it
     with its values mutated (multiplied by 0.8 or 1.2, a choice moved one place, or
@@ -114,7 +111,7 @@ class PbtSpec(_Strict):
 SchedulerSpec = Union[AshaSpec, FifoSpec, PbtSpec]
 
 
-class TuneSpec(_Strict):
+class TuneSpec(Strict):
     """Hyperparameter search: each trial is a whole run of this spec with sampled values."""
 
     search_space: dict[str, Distribution] = Field(min_length=1)
