@@ -217,14 +217,19 @@ def restore(engine, ckpt_uri: str | None, lora: bool) -> TrainState | None:
 # ---------------------------------------------------------------- export
 
 def export(engine, tokenizer, run: str, base_model_dir: str, dtype, lora: bool, auto_class=None,
-           load_kwargs: dict[str, Any] | None = None) -> None:
+           load_kwargs: dict[str, Any] | None = None, state_dict_fn=None) -> dict[str, Any] | None:
     """Write a Hugging Face model to `<run>/model/` (and the LoRA adapter to `<run>/adapter/`).
+    `state_dict_fn`: the module's state dict -> the model's own layout (ESFT's split experts).
+    Returns the module's state dict on rank 0 (None elsewhere).
 
     Called on every rank: with ZeRO-3 the weights are gathered from all of them."""
     import torch.distributed as dist
 
     zero3 = engine.zero_optimization_partition_weights()
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
+    module_state = state_dict
+    if state_dict_fn is not None and dist.get_rank() == 0:
+        state_dict = state_dict_fn(state_dict)
     if dist.get_rank() == 0:
         with tempfile.TemporaryDirectory(prefix="export-") as tmp:
             model_dir, adapter_dir = os.path.join(tmp, "model"), os.path.join(tmp, "adapter")
@@ -238,6 +243,7 @@ def export(engine, tokenizer, run: str, base_model_dir: str, dtype, lora: bool, 
             tokenizer.save_pretrained(model_dir)
             storage.upload_dir(model_dir, storage.join(run, "model"))
     dist.barrier()
+    return module_state if dist.get_rank() == 0 else None
 
 
 def _merge_adapter(base_model_dir: str, adapter_dir: str, out_dir: str, dtype, auto_class=None,

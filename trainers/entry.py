@@ -304,7 +304,7 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    loop = importlib.import_module(f"trainers.{spec.method}").train_loop_per_worker
+    method = importlib.import_module(f"trainers.{spec.method}")
     gpus = spec.resources.worker_gpus(ray.cluster_resources())
     resources = {"CPU": spec.resources.cpus_per_worker}
     if gpus:
@@ -312,8 +312,10 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
     fs, run_path = storage.filesystem(run)
     datasets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {}),
                 **prepared.task_evals}
+    if hasattr(method, "extra_datasets"):  # what a method reads besides train and eval (ESFT's scoring sample)
+        datasets.update(method.extra_datasets(spec, prepared))
     trainer = TorchTrainer(
-        train_loop_per_worker=loop,
+        train_loop_per_worker=method.train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run, "total_steps": total_steps,
                            "steps_per_epoch": per_epoch, "resume_from": resume_from,
                            "datasets": sorted(datasets), "trial": trial,

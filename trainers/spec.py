@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
+from trainers.esft_spec import EsftSpec
 from trainers.ppo_spec import PpoSpec
 from trainers.spec_base import Strict
 from trainers.tune_spec import TuneSpec
@@ -734,9 +735,32 @@ class PpoRun(_RunBase):
         return self
 
 
-AnyRun = Union[SftRun, PretrainRun, MultitaskRun, RewardRun, DpoRun, PpoRun]
+class EsftRun(_RunBase):
+    """Expert-Specialized Fine-Tuning of a mixture-of-experts model: only the routed experts
+    most relevant to the task train (selected from their routing on a sample of the data);
+    supervised data and loss as for `sft`."""
+
+    method: Literal["esft"]
+    """Training method."""
+    esft: EsftSpec = EsftSpec()
+    """How experts are scored and selected, and what else trains."""
+
+    @model_validator(mode="after")
+    def _full_experts(self) -> "EsftRun":
+        if self.model.peft is not None:
+            raise ValueError("model.peft: esft trains the selected experts' own weights, not adapters; remove "
+                             "model.peft (or use method: sft for LoRA)")
+        if self.model.freeze:
+            raise ValueError("model.freeze: esft freezes everything but the selected experts itself; remove it")
+        for where, ds in self.data.datasets():
+            if ds.format in ("preference", "ranking", "prompt"):
+                raise ValueError(f"esft trains on supervised data: {where}.format is {ds.format!r}")
+        return self
+
+
+AnyRun = Union[SftRun, PretrainRun, MultitaskRun, RewardRun, DpoRun, PpoRun, EsftRun]
 RunSpec = Annotated[AnyRun, Field(discriminator="method")]
-METHODS = ("sft", "pretrain", "multitask", "reward", "dpo", "ppo")
+METHODS = ("sft", "pretrain", "multitask", "reward", "dpo", "ppo", "esft")
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(RunSpec)
 
