@@ -319,6 +319,40 @@ def cancel(job_id: str = typer.Argument(..., metavar="JOB"), cluster: str = Clus
     _say(f"job {job_id}: stop requested" if stopped else f"job {job_id} was not running")
 
 
+@app.command("apply-delta")
+def apply_delta(
+    delta: str = typer.Argument(..., help="An ESFT run's <run>/esft/experts.safetensors (a path or s3:// URI)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the fine-tuned model to."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base model (default: the one the delta names)."),
+) -> None:
+    """Write the fine-tuned model of an ESFT run from its base model and its expert delta."""
+    import tempfile
+
+    from trainers import esft_params, models, storage
+
+    with tempfile.TemporaryDirectory(prefix="delta-") as tmp:
+        local = delta
+        if delta.startswith("s3://"):
+            folder, name = delta.rstrip("/").rsplit("/", 1)
+            storage.download_dir(folder, tmp)
+            local = os.path.join(tmp, name)
+        elif not os.path.isfile(delta):
+            raise UsageError(f"{delta}: no such file", hint="name a run's esft/experts.safetensors")
+        try:
+            _, _, named_base = esft_params.load_delta(local)
+        except ValueError as e:
+            raise UsageError(str(e), hint="name the experts.safetensors an esft run exported") from None
+        base = base or named_base
+        if not base:
+            raise UsageError(f"{delta} does not name its base model", hint="pass --base")
+        _say(f"applying {delta} to {base} -> {out}")
+        try:
+            esft_params.apply_delta_to_dir(models.local_model_dir(base), local, str(out))
+        except ValueError as e:
+            raise UsageError(str(e), hint="pass the --base the run was trained from") from None
+    _say(f"wrote {out}")
+
+
 def _address(cluster: str, job_id: str | None = None) -> str:
     from cluster import provider
     from launcher.clusters import load_cluster
@@ -377,7 +411,7 @@ def _echo(obj, json_out: bool) -> None:
         print(yaml.safe_dump(obj, sort_keys=False))
 
 
-COMMANDS = {"run", "validate", "schema", "render", "up", "down", "status", "logs", "cancel"}
+COMMANDS = {"run", "validate", "schema", "render", "up", "down", "status", "logs", "cancel", "apply-delta"}
 
 
 def main(argv: list[str] | None = None) -> None:
