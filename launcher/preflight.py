@@ -50,6 +50,7 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
         issues.append(SpecIssue("model.path", "no such directory", spec.model.path))
     issues += _chat_template_file_issues(spec.data.chat_template)
     issues += _ppo_issues(spec, source)
+    issues += _esft_issues(spec)
     if issues:
         raise SpecError(source, issues)
     return ds_cfg
@@ -73,6 +74,24 @@ def _ppo_issues(spec: AnyRun, source: str) -> list[SpecIssue]:
         if not any(os.path.exists(os.path.join(p.reward_model, *sub, "config.json")) for sub in ((), ("model",))):
             return [SpecIssue("ppo.reward_model", "no model here (no config.json, nor model/config.json of a reward "
                               "run)", p.reward_model)]
+    return []
+
+
+def _esft_issues(spec: AnyRun) -> list[SpecIssue]:
+    """ESFT needs a mixture-of-experts architecture it knows: a local model's config.json
+    says (a hub or s3:// model is checked by the job before anything starts)."""
+    if spec.method != "esft":
+        return []
+    config = os.path.join(spec.model.path, "config.json")
+    if not os.path.isfile(config):
+        return []
+    from trainers import moe
+
+    try:
+        with open(config) as f:
+            moe.check_supported(json.load(f))
+    except ValueError as e:
+        return [SpecIssue("model.path", str(e), spec.model.path)]
     return []
 
 

@@ -169,10 +169,29 @@ def check_data(spec: AnyRun) -> None:
         from trainers import ppo
 
         ppo.check(spec)
+    if spec.method == "esft":
+        check_moe_architecture(spec)
     if spec.eval.fewshot is not None:  # read here, on the driver: its errors are one line, not a worker's traceback
         from trainers import fewshot
 
         fewshot.load(spec.eval.fewshot)
+
+
+def check_moe_architecture(spec: AnyRun) -> None:
+    """ESFT's architectures, for a hub or s3:// model the launcher could not read."""
+    from transformers import AutoConfig
+
+    from trainers import models, moe
+
+    try:
+        config = AutoConfig.from_pretrained(models.local_model_dir(spec.model.path, weights=False),
+                                            trust_remote_code=spec.model.trust_remote_code)
+    except Exception:  # unreachable model, no network: reported where the workers load it
+        return
+    try:
+        moe.check_supported(config)
+    except ValueError as e:
+        raise JobUserError(f"model.path: {e}", hint="use method: sft (or LoRA) for this model") from None
 
 
 def check_chat_template(spec: AnyRun) -> None:

@@ -49,6 +49,8 @@ RUN_ELSEWHERE = {
     "launch configs/examples/qlora.yaml": "test_qlora_train.py",
     "launch configs/examples/grpo.yaml": "test_ppo.py (as shipped, with spread roles)",
     "launch configs/examples/ppo.yaml": "test_ppo.py (as shipped, an actor worker killed mid-run)",
+    "launch configs/examples/esft.yaml": "test_esft_train.py (as shipped, and resumed)",
+    "launch apply-delta <RUN>/esft/experts.safetensors --out merged/": "test_esft_train.py (delta == export)",
 }
 
 
@@ -69,7 +71,7 @@ TESTED = {
     "launch configs/examples/lora.yaml train.max_steps=10",
     "launch status",
     "launch schema > run.schema.json",
-    "launch configs/examples/quickstart.yaml",
+    "launch configs/examples/quickstart.yaml",  # the README's first command runs it (`launch` is .venv/bin/launch)
     "launch configs/examples/quickstart.yaml --detach",
     "launch logs <JOB> -f",
     "launch cancel <JOB>",
@@ -99,10 +101,17 @@ def assert_ok(proc):
     assert "Traceback" not in proc.stderr
 
 
-def test_readme_quickstart_command_trains_and_exports(launch_home):
+@pytest.fixture(scope="module")
+def readme_quickstart(launch_home):
+    """The README's first command, run once: its test reads it, and the detached run of the
+    same spec below must start fresh after it (a finished run is never resumed)."""
     readme_first = documented_commands()[0]
     assert readme_first == "bash .ci/setup && .venv/bin/launch configs/examples/quickstart.yaml"
-    proc = shell(readme_first, launch_home)
+    return shell(readme_first, launch_home)
+
+
+def test_readme_quickstart_command_trains_and_exports(readme_quickstart, launch_home):
+    proc = readme_quickstart
     assert_ok(proc)
     assert re.search(r"job quickstart-\S+ succeeded", proc.stderr)
     models = list(Path(launch_home, "runs", "quickstart").glob("*/model/model.safetensors"))
@@ -124,7 +133,8 @@ def test_readme_usage_commands(launch_home, tmp_path):
     assert json.loads((tmp_path / "run.schema.json").read_text())["$defs"]
 
 
-def test_quickstart_doc_detach_follow_cancel(launch_home):
+def test_quickstart_doc_detach_follow_cancel(readme_quickstart, launch_home):
+    assert_ok(readme_quickstart)  # a finished run of the same spec: this one must not resume it
     submitted = shell("launch configs/examples/quickstart.yaml --detach", launch_home)
     assert_ok(submitted)
     job = re.search(r"submitted job (\S+);", submitted.stderr).group(1)
@@ -132,24 +142,36 @@ def test_quickstart_doc_detach_follow_cancel(launch_home):
     followed = shell(f"launch logs {job} -f", launch_home)
     assert_ok(followed)
     assert re.search(r"step 30/30 +loss", followed.stdout)
+    assert "resuming from" not in output(followed) and "starting at step 0/30" in output(followed)
     cancelled = shell(f"launch cancel {job}", launch_home)  # already finished: nothing to stop
     assert_ok(cancelled)
     assert "was not running" in cancelled.stderr
-    # the same command again: that run finished, so this one starts fresh (never resumes it)
-    again = shell("launch configs/examples/quickstart.yaml", launch_home)
-    assert_ok(again)
-    assert "resuming from" not in output(again) and "starting at step 0/30" in output(again)
 
 
-def test_quickstart_doc_s3_storage(launch_home, s3_server):
+def test_quickstart_doc_s3_storage_keeps_credentials_out_of_the_logs(launch_home, s3_server):
+    """The documented S3 run. On --cluster local the storage secret travels by a 0600 file,
+    not in the runtime_env (which Ray logs and shows in its dashboard): every Ray log file
+    and the output are scanned for it and for an HF token."""
     from tests.fixtures.s3 import make_bucket
 
     make_bucket(s3_server, "my-bucket")
-    env = s3_server.env()  # the documented `export` line, with this server's values
+    env = {**s3_server.env(), "HF_TOKEN": "hf_sentinel_value_123"}  # the documented `export` line's values
     proc = shell("launch configs/examples/quickstart.yaml checkpoint.storage=s3://my-bucket/runs", launch_home, env)
     assert_ok(proc)
     assert "run directory s3://my-bucket/runs/quickstart/" in proc.stderr
-    assert env["AWS_SECRET_ACCESS_KEY"] not in output(proc)
+    job = re.search(r"submitted job (\S+);", proc.stderr).group(1)
+    info = subprocess.run([*LAUNCH, "status", "--json"], env={**os.environ, "LLMLAUNCH_HOME": launch_home},
+                          cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert job in info
+    secrets = [env["AWS_SECRET_ACCESS_KEY"], "hf_sentinel_value_123"]
+    texts = {"cli output": output(proc)}
+    state = json.loads((Path(launch_home) / "local" / "head.json").read_text())
+    for log in Path(state["temp_dir"]).glob("session_latest/logs/**/*"):
+        if log.is_file():
+            texts[str(log)] = log.read_text(errors="replace")
+    assert len(texts) > 5  # the session's Ray logs were found and read
+    leaked = [name for name, text in texts.items() for s in secrets if s in text]
+    assert not leaked, leaked
 
 
 def test_ctrl_c_detaches_and_the_job_keeps_running(launch_home, tmp_path):
@@ -216,30 +238,3 @@ def test_kubernetes_doc_render_commands(tmp_path, command, kinds):
     proc = shell(command, str(tmp_path))
     assert_ok(proc)
     assert [d["kind"] for d in yaml.safe_load_all(proc.stdout)] == kinds
-
-
-def test_credentials_never_reach_the_jobs_runtime_env_or_logs(launch_home, s3_server):
-    """On --cluster local the storage secret travels by a 0600 file, not in the runtime_env
-    (which Ray logs and shows in its dashboard): scan every Ray log file and the output."""
-    from tests.fixtures.s3 import make_bucket
-
-    make_bucket(s3_server, "secret-scan")
-    env = {**s3_server.env(), "HF_TOKEN": "hf_sentinel_value_123"}
-    proc = shell("launch configs/examples/quickstart.yaml train.max_steps=2 checkpoint.storage=s3://secret-scan/runs "
-                 "name=secret-scan", launch_home, env)
-    assert_ok(proc)
-    job = re.search(r"submitted job (\S+);", proc.stderr).group(1)
-    info = subprocess.run([*LAUNCH, "status", "--json"], env={**os.environ, "LLMLAUNCH_HOME": launch_home},
-                          cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert job in info
-    secrets = [env["AWS_SECRET_ACCESS_KEY"], "hf_sentinel_value_123"]
-    texts = {"cli output": output(proc)}
-    from cluster import local
-
-    state = json.loads((Path(launch_home) / "local" / "head.json").read_text())
-    for log in Path(state["temp_dir"]).glob("session_latest/logs/**/*"):
-        if log.is_file():
-            texts[str(log)] = log.read_text(errors="replace")
-    assert len(texts) > 5 and local  # the session's Ray logs were found and read
-    leaked = [name for name, text in texts.items() for s in secrets if s in text]
-    assert not leaked, leaked
