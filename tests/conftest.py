@@ -59,17 +59,22 @@ def launch_home(s3_server):
         assert down.returncode == 0 and "stopped" in down.stderr, down.stderr
 
 
+def launch_cli(home: str, s3_server, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
+               s3: bool = True):
+    """Run `launch ARGS...` as a subprocess against the session's Ray head (and S3 server)."""
+    full_env = {**os.environ, "LLMLAUNCH_HOME": home, **(s3_server.env() if s3 else {}), **(env or {})}
+    proc = subprocess.run([*LAUNCH, *args], env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if os.environ.get("LLMLAUNCH_TEST_VERBOSE"):
+        sys.stderr.write(proc.stdout + proc.stderr)
+    return proc
+
+
 @pytest.fixture
 def launch(launch_home, s3_server):
     """Run `launch ARGS...` as a subprocess; returns CompletedProcess (text, both streams)."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600, s3: bool = True):
-        full_env = {**os.environ, "LLMLAUNCH_HOME": launch_home, **(s3_server.env() if s3 else {}), **(env or {})}
-        proc = subprocess.run([*LAUNCH, *args], env=full_env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
-        if os.environ.get("LLMLAUNCH_TEST_VERBOSE"):
-            sys.stderr.write(proc.stdout + proc.stderr)
-        return proc
+        return launch_cli(launch_home, s3_server, *args, env=env, timeout=timeout, s3=s3)
 
     return run
 

@@ -1,7 +1,8 @@
 """QLoRA end to end through real Ray, real DeepSpeed (gloo, 2 CPU workers, ZeRO-2) and a
 real S3 server: the base trains in bitsandbytes 4-bit with an evaluation in between, the
 adapter and the model merged into the unquantized base are exported, and a run resumes
-from a QLoRA checkpoint (which holds the adapters only)."""
+from a QLoRA checkpoint (which holds the adapters only): the first run's own mid-run
+checkpoint, so that one QLoRA run serves both tests."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import re
 import pytest
 import torch
 
-from tests.conftest import output
+from tests.conftest import launch_cli, output
+from tests.fixtures.s3 import make_bucket
 from tests.integration.test_training import BASE_MODEL, assert_generates, assert_ok, download, load_model, run_dir, \
     train_metrics
 from trainers import checkpoint, storage
@@ -21,11 +23,20 @@ pytest.importorskip("bitsandbytes")
 QLORA = "configs/examples/qlora.yaml"
 
 
-def test_qlora_trains_in_4bit_and_exports_the_adapter_merged_into_the_unquantized_base(launch, s3_env, tmp_path):
+OPTIONS = ("train.max_steps=10", "train.eval_every=5", "checkpoint.every_n_steps=5")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(launch_home, s3_server):
+    """10 QLoRA steps with an evaluation and a checkpoint every 5, on the S3 server."""
+    storage_uri = f"{make_bucket(s3_server, 'qlora-runs')}/runs"
+    return launch_cli(launch_home, s3_server, QLORA, f"checkpoint.storage={storage_uri}", *OPTIONS), storage_uri
+
+
+def test_qlora_trains_in_4bit_and_exports_the_adapter_merged_into_the_unquantized_base(qlora_run, s3_env, tmp_path):
     from peft import PeftModel
 
-    proc = launch(QLORA, f"checkpoint.storage={s3_env}", "train.max_steps=10", "train.eval_every=5",
-                  "checkpoint.every_n_steps=5")
+    proc, _ = qlora_run
     assert_ok(proc)
     run = run_dir(proc)
     # Counted at the unquantized size: the same model as the LoRA example's.
@@ -60,21 +71,20 @@ def test_qlora_trains_in_4bit_and_exports_the_adapter_merged_into_the_unquantize
     assert_generates(merged_dir)
 
 
-def test_qlora_run_resumes_from_its_checkpoint(launch, s3_env):
-    first = launch(QLORA, f"checkpoint.storage={s3_env}", "name=qlora-resume", "train.max_steps=6",
-                   "checkpoint.every_n_steps=3", "data.eval_fraction=0")
+def test_qlora_run_resumes_from_its_checkpoint(qlora_run, launch, s3_env):
+    first, storage_uri = qlora_run
     assert_ok(first)
-    ckpt = checkpoint.complete_checkpoints(run_dir(first))[-1]
-    assert ckpt.endswith("step_00000006")
+    ckpt = checkpoint.complete_checkpoints(run_dir(first))[0]
+    assert ckpt.endswith("step_00000005")
     first_losses = {m["step"]: m["loss"] for m in train_metrics(run_dir(first))}
 
-    second = launch(QLORA, f"checkpoint.storage={s3_env}", "name=qlora-resume-2", "train.max_steps=9",
-                    "checkpoint.every_n_steps=3", "data.eval_fraction=0", f"checkpoint.resume={ckpt}")
+    second = launch(QLORA, f"checkpoint.storage={storage_uri}", "name=qlora-resume", *OPTIONS,
+                    f"checkpoint.resume={ckpt}")
     assert_ok(second)
-    assert "starting at step 6/9" in output(second)
+    assert "starting at step 5/10" in output(second)
     metrics = train_metrics(run_dir(second))
-    assert [m["step"] for m in metrics] == list(range(1, 10))
-    # The adapters came back: step 7 goes on from where step 6 left the loss, nearer to it
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    # The adapters came back: step 6 goes on from where step 5 left the loss, nearer to it
     # than to the untrained base's loss at step 1.
-    start, end = first_losses[1], first_losses[6]
-    assert end < start and abs(metrics[6]["loss"] - end) < abs(metrics[6]["loss"] - start), (first_losses, metrics)
+    start, end = first_losses[1], first_losses[5]
+    assert end < start and abs(metrics[5]["loss"] - end) < abs(metrics[5]["loss"] - start), (first_losses, metrics)
