@@ -55,7 +55,7 @@ class Provider(Protocol):
     def supports(self, feature: str) -> bool: ...
 
 
-KINDS = ("local", "kubernetes")
+KINDS = ("local", "kubernetes", "aws")
 
 
 def provider(kind: str) -> Provider:

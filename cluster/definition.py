@@ -26,9 +26,10 @@ class LocalCluster(_Strict):
     """Ray object store size (default: Ray's choice, ~30% of memory)."""
 
 
+from cluster.aws_spec import AwsCluster  # noqa: E402  (pydantic only: light)
 from cluster.kubernetes_spec import KubernetesCluster  # noqa: E402  (pydantic only: light)
 
-ClusterDef = Annotated[Union[LocalCluster, KubernetesCluster], Field(discriminator="kind")]
+ClusterDef = Annotated[Union[LocalCluster, KubernetesCluster, AwsCluster], Field(discriminator="kind")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(ClusterDef)
 
 # Where `--cluster NAME` looks, in order: the user's own directory, then the shipped ones.
@@ -48,7 +49,7 @@ def shipped_configs() -> Path | None:
     return next((c for c in candidates if (c / "clusters").is_dir()), None)
 
 
-def parse_cluster(data: dict[str, Any]) -> LocalCluster | KubernetesCluster:
+def parse_cluster(data: dict[str, Any]) -> LocalCluster | KubernetesCluster | AwsCluster:
     return _ADAPTER.validate_python(data)
 
 

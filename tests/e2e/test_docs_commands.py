@@ -176,8 +176,11 @@ def test_quickstart_doc_s3_storage_keeps_credentials_out_of_the_logs(launch_home
 
 def test_ctrl_c_detaches_and_the_job_keeps_running(launch_home, tmp_path):
     env = {**os.environ, "LLMLAUNCH_HOME": launch_home}
+    # A shell starts background commands with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: the launcher gets Ctrl-C's default disposition, as in a terminal.
     proc = subprocess.Popen([*LAUNCH, "configs/examples/quickstart.yaml", "name=ctrl-c", "train.max_steps=200"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, job = [], None
     deadline = time.monotonic() + 300
     for line in proc.stdout:
