@@ -57,6 +57,9 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
             env[SECRETS_FILE_ENV] = _write_secrets(secret, run_id)
         if "LLMLAUNCH_HOME" in os.environ:  # the model cache lives there too
             env["LLMLAUNCH_HOME"] = os.environ["LLMLAUNCH_HOME"]
+        # Ray Train's preemption watcher polls for node drains (spot reclaims): a head on this
+        # machine is never drained, and the watcher is one more actor process every run starts.
+        env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if os.environ.get(DEBUG_ENV):
         env[DEBUG_ENV] = "1"
     env[SPEC_ENV] = json.dumps(for_cluster(spec))

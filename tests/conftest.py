@@ -59,6 +59,18 @@ def launch_home(s3_server):
         assert down.returncode == 0 and "stopped" in down.stderr, down.stderr
 
 
+README_LORA = "launch configs/examples/lora.yaml train.max_steps=10"
+
+
+@pytest.fixture(scope="session")
+def readme_lora_run(launch_home):
+    """README's LoRA command, typed as documented (bash, this venv's `launch`), run once: the
+    docs test checks the command, test_training.py its adapter and merged model."""
+    env = {**os.environ, "LLMLAUNCH_HOME": launch_home}
+    env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env['PATH']}"
+    return subprocess.run(["bash", "-c", README_LORA], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
 def launch_cli(home: str, s3_server, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
                s3: bool = True):
     """Run `launch ARGS...` as a subprocess against the session's Ray head (and S3 server)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LAUNCH, REPO, output
+from tests.conftest import LAUNCH, README_LORA, REPO, output
 
 pytestmark = pytest.mark.integration
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -68,7 +68,7 @@ def documented_commands() -> list[str]:
 TESTED = {
     "bash .ci/setup && .venv/bin/launch configs/examples/quickstart.yaml",
     "launch validate configs/examples/lora.yaml",
-    "launch configs/examples/lora.yaml train.max_steps=10",
+    README_LORA,  # conftest.readme_lora_run
     "launch status",
     "launch schema > run.schema.json",
     "launch configs/examples/quickstart.yaml",  # the README's first command runs it (`launch` is .venv/bin/launch)
@@ -121,9 +121,9 @@ def test_readme_quickstart_command_trains_and_exports(readme_quickstart, launch_
     AutoModelForCausalLM.from_pretrained(models[-1].parent)
 
 
-def test_readme_usage_commands(launch_home, tmp_path):
+def test_readme_usage_commands(readme_lora_run, launch_home, tmp_path):
     assert_ok(shell("launch validate configs/examples/lora.yaml", launch_home))
-    proc = shell("launch configs/examples/lora.yaml train.max_steps=10", launch_home)
+    proc = readme_lora_run  # `launch configs/examples/lora.yaml train.max_steps=10` (conftest.README_LORA)
     assert_ok(proc)
     assert list(Path(launch_home, "runs", "quickstart-lora").glob("*/adapter/adapter_config.json"))
     status = shell("launch status", launch_home)

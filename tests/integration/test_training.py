@@ -109,10 +109,11 @@ def test_zero3_with_deepspeed_json_exports_the_gathered_weights(launch, s3_env, 
     assert_generates(tmp_path / "model")
 
 
-def test_lora_exports_adapter_and_merged_model(launch, s3_env, tmp_path):
+def test_lora_exports_adapter_and_merged_model(readme_lora_run, tmp_path):
+    """The README's LoRA run (conftest.readme_lora_run): the adapter and the merged model."""
     from peft import PeftModel
 
-    proc = launch("configs/examples/lora.yaml", f"checkpoint.storage={s3_env}", "train.max_steps=10")
+    proc = readme_lora_run
     assert_ok(proc)
     run = run_dir(proc)
     assert re.search(r"model: [\d,]+ parameters, [\d,]+ trainable", output(proc))
@@ -133,14 +134,29 @@ def test_lora_exports_adapter_and_merged_model(launch, s3_env, tmp_path):
     assert_generates(merged_dir)
 
 
-@pytest.mark.parametrize("example", ["configs/examples/sft_sharegpt.yaml", "configs/examples/sft_prompt_completion.yaml"])
-def test_each_chat_format_example_trains_end_to_end(launch, tmp_path, example):
-    """The shipped example of each chat format, a few steps through the real path: its
-    rows pass the checks, tokenize with their masks in Ray Data, train and export."""
-    proc = launch(example, f"checkpoint.storage={tmp_path / 'runs'}", "train.max_steps=6")
+CHAT_EXAMPLES = ["configs/examples/sft_sharegpt.yaml", "configs/examples/sft_prompt_completion.yaml"]
+
+
+def test_each_chat_format_example_trains_end_to_end(launch, tmp_path):
+    """The shipped example of each chat format, in one run of a few steps through the real
+    path (one job: a run's start costs more than its steps here): every row of both passes
+    the checks, tokenizes with its mask in Ray Data, and the run trains and exports."""
+    import yaml
+
+    datasets = []
+    for example in CHAT_EXAMPLES:
+        [ds] = yaml.safe_load((REPO / example).read_text())["data"]["train"]
+        datasets.append({**ds, "path": str(REPO / "configs/examples" / ds["path"])})
+    spec = tmp_path / "chat_formats.yaml"
+    spec.write_text(yaml.safe_dump({"defaults": [str(REPO / CHAT_EXAMPLES[0])], "name": "chat-formats",
+                                    "data": {"train": datasets}}))
+    proc = launch(str(spec), f"checkpoint.storage={tmp_path / 'runs'}", "train.max_steps=6")
     assert_ok(proc)
+    assert "bad row" not in output(proc)  # no row of either format was skipped
     tokens = int(re.search(r"([\d,]+) loss tokens", output(proc)).group(1).replace(",", ""))
-    assert tokens > 0
+    rows = sum(len((REPO / "configs/examples" / ds["path"]).read_text().splitlines()) for ds in
+               (yaml.safe_load((REPO / e).read_text())["data"]["train"][0] for e in CHAT_EXAMPLES))
+    assert tokens > rows  # each example has a few loss tokens at least
     losses = [m["loss"] for m in train_metrics(run_dir(proc))]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     assert_generates(download(storage.join(run_dir(proc), "model"), tmp_path / "model"))
