@@ -37,7 +37,7 @@ RUN_ELSEWHERE = {
     "launch configs/examples/tune_lora.yaml": "tests/integration/test_tune.py (the run on the session's S3 server)",
     # docs/methods.md: each example is trained by the integration test of its method (a few steps)
     "launch configs/examples/sft_sharegpt.yaml": "test_training.py::test_each_chat_format_example_trains_end_to_end",
-    "launch configs/examples/pretrain.yaml": "test_training.py::test_pretrain_on_local_storage_with_eval",
+    "launch configs/examples/pretrain.yaml": "test_training.py::test_pretrain_on_local_storage_stops_early_with_a_checkpoint_and_a_model",
     "launch configs/examples/pretrain_corpus.yaml": "test_pretrain_corpus.py (replay share, held-out text)",
     "launch configs/examples/pretrain_stream.yaml": "test_pretrain_corpus.py (streamed, resumed mid-stream)",
     "launch configs/examples/reward.yaml": "test_preference.py (as shipped)",
