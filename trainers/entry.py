@@ -55,6 +55,10 @@ def run_job() -> int:
     storage.write_text(storage.join(run, "spec.yaml"), yaml.safe_dump(record, sort_keys=False))
 
     resume_from = pick_resume(spec) if spec.tune is None else None  # trials resume from their own
+    if resume_from and spec.method == "esft":
+        from trainers import esft
+
+        esft.check_resumable(resume_from)
     if spec.tune is not None:
         from trainers import tune
 

@@ -143,6 +143,19 @@ def _run_of(ckpt: str) -> str:
     return ckpt.rstrip("/").rsplit("/checkpoints/", 1)[0]
 
 
+def check_resumable(ckpt: str) -> None:
+    """On the driver, before the workers start: the checkpoint's run kept the selection and
+    scores that say which experts its weights train (checkpoint.resume names any directory)."""
+    from trainers.user_errors import JobUserError
+
+    for name in ("selection.json", "scores.json"):
+        uri = storage.join(_run_of(ckpt), "esft", name)
+        if not storage.exists(uri):
+            raise JobUserError(f"checkpoint.resume: {uri} is missing: {ckpt} cannot be resumed without the "
+                               "experts it trains", hint="resume a checkpoint of an ESFT run (its run directory "
+                                                         "has esft/), or use checkpoint.resume: never")
+
+
 def _resumed_selection(ckpt: str) -> dict[str, Any]:
     """The resumed run's selection.json with its scores.json's tables."""
     found = {}

@@ -473,3 +473,21 @@ def test_plot_scores_writes_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1000
+
+
+def test_resuming_a_checkpoint_without_its_selection_is_a_user_error(tmp_path):
+    """checkpoint.resume naming a non-ESFT run's checkpoint: one line naming the missing file,
+    raised on the driver before any worker starts."""
+    from trainers import esft
+    from trainers.user_errors import JobUserError
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    with pytest.raises(JobUserError, match=r"checkpoint.resume: .*run/esft/selection.json is missing"):
+        esft.check_resumable(str(ckpt))
+    (tmp_path / "run" / "esft").mkdir()
+    (tmp_path / "run" / "esft" / "selection.json").write_text("{}")
+    with pytest.raises(JobUserError, match="scores.json is missing"):
+        esft.check_resumable(str(ckpt))
+    (tmp_path / "run" / "esft" / "scores.json").write_text("{}")
+    esft.check_resumable(str(ckpt))
