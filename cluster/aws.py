@@ -32,9 +32,16 @@ from cluster import ClusterStatus, ProviderError
 from cluster.aws_render import DASHBOARD_PORT, ConfigError, ingress_problems, ssh_ip_permissions, tags
 from cluster.aws_spec import HEAD_NODE_TYPE, AwsCluster, WorkerNodeType
 
-__all__ = ["render", "validate", "preflight", "instance_types", "ensure_security_group", "up", "head_would_be_replaced",
+__all__ = ["READS_LOCAL_FILES", "USES_THIS_PYTHON", "CLUSTER_CREDENTIALS", "render", "validate", "documents",
+           "job_address", "max_failures", "preflight", "instance_types", "ensure_security_group", "up", "head_would_be_replaced",
            "address", "tunnel_command", "key_path", "state_dir", "nodes", "status", "down", "capacity", "supports",
            "client_error", "client_error_from", "launch_error", "missing_credentials", "quota_name", "ConfigError"]
+
+# The provider interface (cluster/__init__.py): nodes read no file of this machine, run their own
+# Python (setup_commands or `image`), and reach S3 as their instance profile; no key is copied.
+READS_LOCAL_FILES = False
+USES_THIS_PYTHON = False
+CLUSTER_CREDENTIALS = "the nodes' instance profile (`iam_instance_profile`)"
 
 DOCS = "docs/aws.md"
 TUNNEL_TIMEOUT_S = 60
@@ -67,6 +74,20 @@ def validate(definition: AwsCluster, yaml_path: str | None = None) -> dict[str, 
     config = render(definition)
     _validate(config, yaml_path, definition)
     return config
+
+
+def documents(definition: AwsCluster, *, source: str | None = None,
+              run: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """`launch render`: the validated cluster-launcher config. A run adds nothing to it: runs
+    are Ray jobs submitted through the Jobs API (`run` is for kinds that start one cluster per run)."""
+    config = validate(definition, source)
+    return [config], (f"the Ray cluster-launcher config of {definition.name} ({definition.region}), validated with "
+                      f"Ray's schema and botocore's RunInstances shape; `launch up {definition.name}` starts it "
+                      "(not `ray up`: the launcher makes the security group first)")
+
+
+def max_failures(definition: AwsCluster) -> int:
+    return definition.effective_max_failures
 
 
 # ---------------------------------------------------------------- errors (pure)
@@ -692,7 +713,7 @@ def capacity(definition: AwsCluster) -> dict[str, float]:
 
 
 def supports(feature: str) -> bool:
-    return feature in {"gpu", "autoscaling", "spot"}
+    return feature in {"gpu", "autoscaling", "spot", "render"}
 
 
 # ---------------------------------------------------------------- the SSH tunnel
@@ -809,3 +830,8 @@ def address(definition: AwsCluster) -> str | None:
         return None
     return _reach(definition, head, _quiet)
 
+
+
+def job_address(definition: AwsCluster, job_id: str) -> str | None:
+    """Every job runs on the cluster's one head: `address`."""
+    return address(definition)
