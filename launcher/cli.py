@@ -280,11 +280,14 @@ def status(
     if json_out:
         print(json.dumps({"cluster": asdict(st), "jobs": jobs}, indent=1))
         return
-    if not st.running:
+    if st.running:
+        res = ", ".join(f"{k} {v:g}" if k in ("CPU", "GPU") else f"{k} {v / 2**30:.1f} GiB"
+                        for k, v in st.resources.items())
+        _say(f"{st.name} ({st.kind}) at {st.address}: {len(st.nodes)} node(s); {res}")
+    else:
         _say(f"{st.name} ({st.kind}): {st.detail}")
-        return
-    res = ", ".join(f"{k} {v:g}" if k in ("CPU", "GPU") else f"{k} {v / 2**30:.1f} GiB" for k, v in st.resources.items())
-    _say(f"{st.name} ({st.kind}) at {st.address}: {len(st.nodes)} node(s); {res}")
+    # Also when not running: nodes that exist but are not set up (a head whose SSH never came
+    # up keeps running, and costing, until `launch down`).
     for node in st.nodes:
         _say("  " + "  ".join(f"{k}={v}" for k, v in node.items() if v is not None))
     for j in jobs[-20:]:
