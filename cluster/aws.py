@@ -17,12 +17,14 @@ run all of this against moto on 127.0.0.1; booting nodes, SSH and `ray start` th
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -32,9 +34,16 @@ from cluster import ClusterStatus, ProviderError
 from cluster.aws_render import DASHBOARD_PORT, ConfigError, ingress_problems, ssh_ip_permissions, tags
 from cluster.aws_spec import HEAD_NODE_TYPE, AwsCluster, WorkerNodeType
 
-__all__ = ["render", "validate", "preflight", "instance_types", "ensure_security_group", "up", "head_would_be_replaced",
+__all__ = ["READS_LOCAL_FILES", "USES_THIS_PYTHON", "CLUSTER_CREDENTIALS", "render", "validate", "documents",
+           "job_address", "max_failures", "preflight", "instance_types", "ensure_security_group", "up", "head_would_be_replaced",
            "address", "tunnel_command", "key_path", "state_dir", "nodes", "status", "down", "capacity", "supports",
            "client_error", "client_error_from", "launch_error", "missing_credentials", "quota_name", "ConfigError"]
+
+# The provider interface (cluster/__init__.py): nodes read no file of this machine, run their own
+# Python (setup_commands or `image`), and reach S3 as their instance profile; no key is copied.
+READS_LOCAL_FILES = False
+USES_THIS_PYTHON = False
+CLUSTER_CREDENTIALS = "the nodes' instance profile (`iam_instance_profile`)"
 
 DOCS = "docs/aws.md"
 TUNNEL_TIMEOUT_S = 60
@@ -67,6 +76,20 @@ def validate(definition: AwsCluster, yaml_path: str | None = None) -> dict[str, 
     config = render(definition)
     _validate(config, yaml_path, definition)
     return config
+
+
+def documents(definition: AwsCluster, *, source: str | None = None,
+              run: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """`launch render`: the validated cluster-launcher config. A run adds nothing to it: runs
+    are Ray jobs submitted through the Jobs API (`run` is for kinds that start one cluster per run)."""
+    config = validate(definition, source)
+    return [config], (f"the Ray cluster-launcher config of {definition.name} ({definition.region}), validated with "
+                      f"Ray's schema and botocore's RunInstances shape; `launch up {definition.name}` starts it "
+                      "(not `ray up`: the launcher makes the security group first)")
+
+
+def max_failures(definition: AwsCluster) -> int:
+    return definition.effective_max_failures
 
 
 # ---------------------------------------------------------------- errors (pure)
@@ -542,7 +565,8 @@ def up(definition: AwsCluster, on_progress: Progress | None = print, update: boo
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     say(f"starting cluster {definition.name} in {definition.region} with Ray's cluster launcher "
         f"({'updating the running head' if healthy else 'head ' + definition.head.instance_type})")
-    _create_or_update(definition, config, no_restart=healthy)
+    with _ray_output_as_progress(say):
+        _create_or_update(definition, config, no_restart=healthy)
     head = _head(definition)
     if head is None or head["ray_status"] != STATUS_UP_TO_DATE:
         raise ProviderError(f"Ray's cluster launcher finished but the head of {definition.name} is "
@@ -570,6 +594,57 @@ def head_would_be_replaced(definition: AwsCluster, config: dict[str, Any], head:
     node_config = copy.deepcopy(resolved.get("head_node", {}))
     node_config.update(resolved["available_node_types"][resolved["head_node_type"]]["node_config"])
     return hash_launch_conf(node_config, resolved["auth"]) != head.get("launch_config")
+
+
+# The CLI's --debug (trainers.user_errors.DEBUG_ENV; cluster/ does not import trainers).
+DEBUG_ENV = "LLMLAUNCH_DEBUG"
+
+
+@contextlib.contextmanager
+def _ray_output_as_progress(say: Progress):
+    """While Ray's cluster launcher runs: its log lines go to stderr, as the launcher's own
+    progress does (stdout is the command's result, the address), and a failed node setup (SSH
+    never came up, a setup command failed) reads as one line, not a Python traceback. Ray's
+    updater threads end such a setup by raising (Python would print the thread's traceback)
+    after Ray's own report, which holds the same traceback; the launcher's error and what to
+    do follow. With --debug both stay whole."""
+    if os.environ.get(DEBUG_ENV):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    previous = threading.excepthook
+
+    def one_line(args) -> None:
+        if args.exc_type is SystemExit:
+            previous(args)
+            return
+        say(f"Ray's node updater stopped: {args.exc_type.__name__}: {args.exc_value}")
+
+    threading.excepthook = one_line
+    try:
+        with contextlib.redirect_stdout(_WithoutTracebacks(sys.stderr)):
+            yield
+    finally:
+        threading.excepthook = previous
+
+
+class _WithoutTracebacks:
+    """A text stream that forwards to `target`, with the Python tracebacks in Ray's log
+    messages (its updater's "Full traceback: ...") cut to a pointer at --debug."""
+
+    _START = "Traceback (most recent call last):"
+
+    def __init__(self, target):
+        self._target = target
+
+    def write(self, text: str) -> int:
+        if self._START in text:
+            colour_reset = re.search(r"(\x1b\[[0-9;]*m)*\s*$", text).group()  # Ray colours its messages
+            text = text[:text.index(self._START)] + "hidden (run the command again with --debug)" + colour_reset
+        return self._target.write(text)
+
+    def __getattr__(self, name: str):  # flush, isatty, fileno, encoding: the target's
+        return getattr(self._target, name)
 
 
 def _create_or_update(definition: AwsCluster, config: dict[str, Any], no_restart: bool) -> dict[str, Any]:
@@ -608,10 +683,16 @@ def down(definition: AwsCluster, on_progress: Progress | None = None) -> bool:
     nor bootstrap the config (which creates key pairs): terminating the instances stops Ray, and an
     unreachable head would cost a 120 s SSH timeout. It repeats until no instance is left, since the
     head's autoscaler may launch a worker before it goes down."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     say = on_progress or _quiet
     _close_tunnels(definition.name)
+    # Ray's node provider logs to stdout; the launcher's progress (and Ray's, in `up`) is on stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _terminate_all(definition, say)
+
+
+def _terminate_all(definition: AwsCluster, say: Progress) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         provider = _node_provider(definition)
         remaining = provider.non_terminated_nodes({})
@@ -668,8 +749,9 @@ def status(definition: AwsCluster) -> ClusterStatus:
         if on_fallback:
             details.append(f"{len(on_fallback)} node(s) on the on-demand fallback {w.fallback_name} "
                            f"(spot {w.name} was unavailable)")
+    shown = [{k: v for k, v in n.items() if k != "launch_config"} for n in found]  # Ray's hash: nothing to read
     return ClusterStatus(name=definition.name, kind="aws", running=running, address=None, resources=resources,
-                         nodes=found, detail="; ".join(details))
+                         nodes=shown, detail="; ".join(details))
 
 
 def capacity(definition: AwsCluster) -> dict[str, float]:
@@ -692,7 +774,7 @@ def capacity(definition: AwsCluster) -> dict[str, float]:
 
 
 def supports(feature: str) -> bool:
-    return feature in {"gpu", "autoscaling", "spot"}
+    return feature in {"gpu", "autoscaling", "spot", "render"}
 
 
 # ---------------------------------------------------------------- the SSH tunnel
@@ -809,3 +891,8 @@ def address(definition: AwsCluster) -> str | None:
         return None
     return _reach(definition, head, _quiet)
 
+
+
+def job_address(definition: AwsCluster, job_id: str) -> str | None:
+    """Every job runs on the cluster's one head: `address`."""
+    return address(definition)

@@ -17,6 +17,8 @@ import copy
 import ipaddress
 from typing import Any
 
+# Defined with the provider interface, so the launcher catches it without naming a kind.
+from cluster import ConfigError
 from cluster.aws_spec import HEAD_NODE_TYPE, MANAGED_NODE_CONFIG, AwsCluster, WorkerNodeType
 
 DASHBOARD_PORT = 8265
@@ -29,16 +31,6 @@ DOCKER_CONTAINER = "ray_container"
 # `SubnetIds` is Ray's own key (it launches in one of them, as `SubnetId`), MinCount/MaxCount it adds.
 RAY_ONLY_KEYS = ("SubnetIds",)
 RAY_ADDED = {"MinCount": 1, "MaxCount": 1}
-
-
-class ConfigError(ValueError):
-    """A rendered config that Ray or EC2 would refuse. `path` is the dotted path in the rendered
-    YAML (`available_node_types.gpu.node_config.InstanceMarketOptions.MarketType`); `hint` says
-    what to change in the cluster definition."""
-
-    def __init__(self, path: str, problem: str, hint: str | None = None, source: str | None = None):
-        self.path, self.problem, self.hint, self.source = path, problem, hint, source
-        super().__init__(f"{source + ': ' if source else ''}{path}: {problem}")
 
 
 # ---------------------------------------------------------------------------------- render

@@ -271,7 +271,7 @@ class AwsCluster(_Strict):
     max_failures: int | None = Field(None, ge=-1)
     """How often a run on this cluster restarts its workers from the newest complete checkpoint after
     losing a node (Ray Train `FailureConfig(max_failures)`; -1: without limit), when the run spec
-    sets none. Default: 3 if a worker type is spot, else 0."""
+    sets none (`env.LLMLAUNCH_MAX_FAILURES`). Default: 3 if a worker type is spot, else 0."""
     head: HeadNode = HeadNode()
     """The head node."""
     workers: list[WorkerNodeType] = []

@@ -49,6 +49,15 @@ def shipped_configs() -> Path | None:
     return next((c for c in candidates if (c / "clusters").is_dir()), None)
 
 
+# `--cluster NAME` that needs no file: `local` (a file of that name on the search path wins).
+BUILTIN = {"local": LocalCluster}
+
+
+def builtin_cluster(name: str) -> LocalCluster | None:
+    """The definition of a built-in cluster name, else None."""
+    return BUILTIN[name]() if name in BUILTIN else None
+
+
 def parse_cluster(data: dict[str, Any]) -> LocalCluster | KubernetesCluster | AwsCluster:
     return _ADAPTER.validate_python(data)
 

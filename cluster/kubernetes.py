@@ -17,8 +17,14 @@ import time
 from typing import Any, Callable
 
 from cluster import ClusterStatus, ProviderError
-from cluster.kubernetes_render import API_VERSION, MANAGED_BY, render_raycluster
+from cluster.kubernetes_render import API_VERSION, MANAGED_BY, RUN_ID_ENV, SPEC_ENV, render_raycluster
 from cluster.kubernetes_spec import KubernetesCluster
+
+# The provider interface (cluster/__init__.py): pods read no file of this machine, run the
+# cluster image's Python, and get storage credentials from the definition's storage Secret.
+READS_LOCAL_FILES = False
+USES_THIS_PYTHON = False
+CLUSTER_CREDENTIALS = "the cluster's storage Secret (`storage_secret`)"
 
 GROUP, VERSION = API_VERSION.split("/")
 DASHBOARD_PORT = 8265
@@ -35,6 +41,33 @@ def owner() -> str:
 
 def render(definition: KubernetesCluster) -> list[dict[str, Any]]:
     return [render_raycluster(definition, owner())]
+
+
+def validate(definition: KubernetesCluster, source: str | None = None) -> list[dict[str, Any]]:
+    """The definition's model is the offline check (the API server validates the objects): `render`."""
+    return render(definition)
+
+
+def documents(definition: KubernetesCluster, *, source: str | None = None,
+              run: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """`launch render`: the RayCluster `launch up` applies, or with `run` (the keywords of
+    `run_ephemeral`) that run's RayJob and spec ConfigMap."""
+    if run is None:
+        docs = render(definition)
+        note = "runs are submitted to this RayCluster through the Ray Jobs API; `launch up` applies it"
+    else:
+        from cluster.kubernetes_render import render_rayjob
+
+        docs = render_rayjob(definition, spec_json=run["spec_json"], run_name=run["run_name"], run_id=run["run_id"],
+                             owner=owner(), env=_by_value(run["env"]))
+        note = f"the run id ({run['run_id']}) is chosen at submission"
+    return docs, f"{len(docs)} object(s) for namespace {definition.namespace}; {note}"
+
+
+def _by_value(env: dict[str, str]) -> dict[str, str]:
+    """The job's environment minus what a RayJob sets from its mounted ConfigMap (the spec)
+    and by itself (the run id), which do not travel in its runtime_env."""
+    return {k: v for k, v in env.items() if k not in (SPEC_ENV, RUN_ID_ENV)}
 
 
 # ---------------------------------------------------------------- diagnosis (pure)
@@ -240,6 +273,10 @@ def address_for_job(definition: KubernetesCluster, job_id: str) -> str | None:
     return _reach(definition, cluster_name, on_progress=lambda _: None)
 
 
+# The provider interface's name for it.
+job_address = address_for_job
+
+
 def address(definition: KubernetesCluster) -> str | None:
     pod = head_pod(definition, definition.name)
     if pod is None or not is_ready(pod):
@@ -268,7 +305,7 @@ def status(definition: KubernetesCluster) -> ClusterStatus:
                          detail="" if running else f"no ready head pod in {definition.namespace} (`launch up {definition.name}`)")
 
 
-def down(definition: KubernetesCluster) -> bool:
+def down(definition: KubernetesCluster, on_progress=None) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     custom, _, _ = _apis()
@@ -287,7 +324,13 @@ def down(definition: KubernetesCluster) -> bool:
 
 
 def supports(feature: str) -> bool:
-    return feature in {"gpu", "autoscaling", "spot", "ephemeral"}
+    return feature in {"gpu", "autoscaling", "spot", "ephemeral", "render"}
+
+
+def max_failures(definition: KubernetesCluster) -> int:
+    # A Kubernetes definition has no such field (yet): a lost pod ends the run, and the same
+    # `launch run` continues it from its newest complete checkpoint.
+    return 0
 
 
 def capacity(definition: KubernetesCluster) -> dict[str, float]:
@@ -305,11 +348,12 @@ def capacity(definition: KubernetesCluster) -> dict[str, float]:
 def run_ephemeral(definition: KubernetesCluster, *, spec_json: str, run_name: str, run_id: str,
                   env: dict[str, str], on_progress=print) -> tuple[str, str]:
     """Apply a RayJob (+ its spec ConfigMap), wait for its cluster's head; returns the Jobs
-    API address and the Ray job id KubeRay submits the run under."""
+    API address and the Ray job id KubeRay submits the run under. `env`: the job's
+    environment (the spec and run id in it are set by the RayJob instead)."""
     from cluster.kubernetes_render import render_rayjob
 
     rayjob, spec_map = render_rayjob(definition, spec_json=spec_json, run_name=run_name, run_id=run_id,
-                                     owner=owner(), env=env)
+                                     owner=owner(), env=_by_value(env))
     created = apply(definition, rayjob, "rayjobs", on_progress)
     try:
         return _start_ephemeral(definition, rayjob, spec_map, created, on_progress)

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from cluster import looks_secret  # shared: the launcher checks every run spec's `env` by it too
+
 # --- Kubernetes name, label and quantity rules (k8s.io/apimachinery/pkg/util/validation) ---
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -105,17 +107,6 @@ def parse_quantity(value: str | int | float) -> Decimal:
         return Decimal(text[: len(text) - len(suffix)]) * Decimal(_QUANTITY_SCALE[suffix])
     except InvalidOperation:
         raise ValueError(f"{text!r} is not a Kubernetes quantity") from None
-
-
-_SECRET_NAME = re.compile(r"(^|_)(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIALS?|PRIVATE_KEY|ACCESS_KEY|API_KEY|"
-                          r"SESSION_TOKEN|AUTH_TOKEN)(_|$)")
-
-
-def looks_secret(env_name: str) -> bool:
-    """True for variable names that hold credentials (`AWS_SECRET_ACCESS_KEY`, `HF_TOKEN`, ...).
-
-    Such values must reach pods through a Secret (`secretKeyRef`), never as plain `env`."""
-    return bool(_SECRET_NAME.search(env_name.upper()))
 
 
 # --- field types --------------------------------------------------------------------------

@@ -24,6 +24,12 @@ from typing import Any
 from cluster import ClusterStatus, ProviderError
 from cluster.definition import LocalCluster
 
+# The provider interface (cluster/__init__.py): the workers are processes of this machine, in
+# this Python environment, with the launcher's files and credentials.
+READS_LOCAL_FILES = True
+USES_THIS_PYTHON = True
+CLUSTER_CREDENTIALS = None
+
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 90
 # SeaweedFS (and other local services) use 18xxx/19xxx gRPC ports; keep Ray's workers apart.
@@ -47,6 +53,11 @@ def _temp_dir() -> str:
 def render(definition: LocalCluster) -> list[str]:
     """The `ray start` command `up` would run (ports are chosen at start)."""
     return _command(definition, {k: 0 for k in _PORT_FLAGS})
+
+
+def validate(definition: LocalCluster, source: str | None = None) -> list[str]:
+    """Nothing beyond the definition's model to check offline: `render`."""
+    return render(definition)
 
 
 _PORT_FLAGS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -131,7 +142,9 @@ def address(definition: LocalCluster | None = None) -> str | None:
     return None
 
 
-def up(definition: LocalCluster | None = None, on_progress=print) -> str:
+def up(definition: LocalCluster | None = None, on_progress=print, update: bool = True) -> str:
+    """Start the head, or return the running one's address. `update` has nothing to apply:
+    a running head keeps the settings it was started with (`launch down local` first)."""
     definition = definition or LocalCluster()
     running = address(definition)
     if running:
@@ -197,7 +210,7 @@ def _is_our_head(pid: int) -> bool:
     return any(part.endswith(b"ray") for part in cmdline) and b"start" in cmdline
 
 
-def down(definition: LocalCluster | None = None) -> bool:
+def down(definition: LocalCluster | None = None, on_progress=None) -> bool:
     state = _read_state()
     if not state:
         return False
@@ -222,6 +235,21 @@ def status(definition: LocalCluster | None = None) -> ClusterStatus:
                 resources[k] = resources.get(k, 0) + v
     return ClusterStatus(name="local", kind="local", running=True, address=url, resources=resources,
                          nodes=[{"id": n.node_id[:12], "ip": n.node_ip, "head": n.is_head_node} for n in nodes])
+
+
+def job_address(definition: LocalCluster | None, job_id: str) -> str | None:
+    return address(definition)
+
+
+def capacity(definition: LocalCluster | None = None) -> None:
+    """Known only once the head runs (Ray detects the cores and GPUs): the launcher checks a
+    run's resources against `status` after `up`."""
+    return None
+
+
+def max_failures(definition: LocalCluster | None = None) -> int:
+    # One machine: a lost worker is a crash to look at, not a node to replace.
+    return 0
 
 
 def supports(feature: str) -> bool:

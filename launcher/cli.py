@@ -42,68 +42,63 @@ def run(
     """Validate, check storage, start (or reuse) the cluster, submit the run and follow it."""
     from cluster import ClusterStatus, provider
     from launcher import preflight, submit
-    from launcher.clusters import load_cluster
+    from launcher.clusters import load_checked
     from launcher.config import load_spec
 
+    # Everything that differs by cluster kind is an attribute of its provider (cluster/__init__.py).
     spec = load_spec(spec_file, overrides or [])
-    definition = load_cluster(cluster)
-    kube = definition.kind == "kubernetes"
-    if ephemeral and not kube:
-        raise UsageError(f"--ephemeral needs a kubernetes cluster; {cluster} is {definition.kind}")
+    definition = load_checked(cluster)
+    prov = provider(definition.kind)
+    _check_ephemeral(ephemeral, prov, cluster, definition)
     if ephemeral and getattr(getattr(spec, "ppo", None), "reward_fn", None):
         raise UsageError("ppo.reward_fn with --ephemeral: a RayJob's entrypoint cannot carry this machine's module",
                          hint="run on the persistent RayCluster (without --ephemeral), which the Jobs API uploads it to")
-    if kube and spec.resources.gpus_per_worker == "auto":
-        # Decided here, from what the groups can provide: an autoscaling cluster at zero
-        # replicas shows no GPUs to the job, which would then train on CPUs.
-        from cluster.kubernetes import capacity
-
-        spec.resources.gpus_per_worker = spec.resources.worker_gpus(capacity(definition))
-    ds_cfg = preflight.check_spec(spec, str(spec_file), remote=kube)
+    remote, credentials = not prov.READS_LOCAL_FILES, prov.CLUSTER_CREDENTIALS or preflight.REMOTE_CREDENTIALS
+    ds_cfg = preflight.check_spec(spec, str(spec_file), remote=remote, credentials=credentials)
+    # What the cluster can provide before it is provisioned (an autoscaling cluster at its
+    # maximum size); None: only the running cluster knows, so resources are checked after `up`.
+    capacity = prov.capacity(definition)
+    if capacity is not None and spec.resources.gpus_per_worker == "auto":
+        # Decided here, from what the worker types can provide: an autoscaling cluster at zero
+        # workers shows no GPUs to the job, which would then train on CPUs.
+        spec.resources.gpus_per_worker = spec.resources.worker_gpus(capacity)
     run_id = submit.new_run_id()
     if dry_run:
         out = {"spec": spec.model_dump(mode="json"), "deepspeed": ds_cfg, "cluster": definition.model_dump()}
-        if kube:
-            out["manifests"] = _manifests(definition, spec, run_id, ephemeral)
+        if prov.supports("render"):
+            out["manifests"] = _documents(prov, definition, cluster, spec, run_id, ephemeral)[0]
         _echo(out, json_out)
         return
-    if definition.kind == "local":  # its workers run in this Python environment
+    if prov.USES_THIS_PYTHON:  # its workers run in this Python environment
         preflight.check_train_packages(spec)
     preflight.check_deepspeed_rules(spec, ds_cfg, str(spec_file))
     preflight.check_data(spec, str(spec_file))
-    warning = preflight.check_storage(spec, remote=kube)
+    warning = preflight.check_storage(spec, remote=remote, credentials=credentials)
     if warning:
         _say(f"warning: {warning}")
-    parent, warning = preflight.check_init_from(spec, str(spec_file), remote=kube)
+    parent, warning = preflight.check_init_from(spec, str(spec_file), remote=remote, credentials=credentials)
     if warning:
         _say(f"warning: {warning}")
     if parent is not None:
         _say(f"model.init_from {spec.model.init_from}: starting from {parent.model} (step {parent.step})")
-    prov = provider(definition.kind)
-    if kube:
-        from cluster.kubernetes import capacity
-
-        preflight.check_resources(spec, ClusterStatus(cluster, "kubernetes", False, resources=capacity(definition)))
+    if capacity is not None:
+        preflight.check_resources(spec, ClusterStatus(cluster, definition.kind, False, resources=capacity))
     hints = []
     if ephemeral:
-        from cluster.kubernetes import run_ephemeral
-        from launcher.config import for_cluster
-
-        env = {k: v for k, v in submit.job_env(spec, run_id, local=False).items() if k not in _BY_REFERENCE}
-        address, job_id = run_ephemeral(definition, spec_json=json.dumps(for_cluster(spec)),
-                                        run_name=spec.name, run_id=run_id, env=env, on_progress=_say)
+        address, job_id = prov.run_ephemeral(definition, on_progress=_say, **_ephemeral_run(prov, definition, spec, run_id))
         submit.wait_for_job(address, job_id)
     else:
         # A run uses a shared cluster as it is; `launch up` is what applies definition changes.
-        address = prov.up(definition, on_progress=_say, **({"update": False} if kube else {}))
-        if not kube:
+        address = prov.up(definition, on_progress=_say, update=False)
+        if capacity is None:
             preflight.check_resources(spec, prov.status(definition))
         if not verbose:  # Ray's client logs each package it uploads: bookkeeping, as in the job's log
             import logging
 
             for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
                 logging.getLogger(name).setLevel(logging.WARNING)
-        job_id = submit.submit(address, spec, run_id, local=not kube,
+        job_id = submit.submit(address, spec, run_id, cluster_credentials=prov.CLUSTER_CREDENTIALS,
+                               max_failures=prov.max_failures(definition),
                                user_modules=preflight.user_modules(spec, str(spec_file)))
     _say(f"submitted job {job_id}; run directory {_run_directory(spec, run_id)}")
     hints += [f"follow:  launch logs {job_id} -f --cluster {cluster}", f"cancel:  launch cancel {job_id} --cluster {cluster}"]
@@ -114,21 +109,34 @@ def run(
     _follow(address, job_id, hints, json_out, verbose)
 
 
-# Set by the RayJob from its mounted ConfigMap, not carried in its runtime_env.
-_BY_REFERENCE = {"LLMLAUNCH_SPEC", "LLMLAUNCH_RUN_ID"}
+def _check_ephemeral(ephemeral: bool, prov, cluster: str, definition) -> None:
+    from cluster import kinds_supporting
+
+    if ephemeral and not prov.supports("ephemeral"):
+        raise UsageError(f"--ephemeral needs a {' or '.join(kinds_supporting('ephemeral'))} cluster; "
+                         f"{cluster} is {definition.kind}")
 
 
-def _manifests(definition, spec, run_id: str, ephemeral: bool) -> list[dict]:
-    from cluster import kubernetes
-    from cluster.kubernetes_render import render_rayjob
+def _ephemeral_run(prov, definition, spec, run_id: str) -> dict:
+    """The keywords of `run_ephemeral` (and of `documents(run=...)`): the run's spec, names and
+    environment, which the provider carries into the cluster it starts for the run."""
     from launcher import submit
     from launcher.config import for_cluster
 
-    if not ephemeral:
-        return kubernetes.render(definition)
-    env = {k: v for k, v in submit.job_env(spec, run_id, local=False).items() if k not in _BY_REFERENCE}
-    return render_rayjob(definition, spec_json=json.dumps(for_cluster(spec)), run_name=spec.name,
-                         run_id=run_id, owner=kubernetes.owner(), env=env)
+    env = submit.job_env(spec, run_id, cluster_credentials=prov.CLUSTER_CREDENTIALS,
+                         max_failures=prov.max_failures(definition))
+    return {"spec_json": json.dumps(for_cluster(spec)), "run_name": spec.name, "run_id": run_id, "env": env}
+
+
+def _documents(prov, definition, cluster: str, spec, run_id: str, ephemeral: bool) -> tuple[list[dict], str]:
+    from cluster import ConfigError
+    from launcher.clusters import config_error, definition_file
+
+    run = _ephemeral_run(prov, definition, spec, run_id) if ephemeral else None
+    try:
+        return prov.documents(definition, source=definition_file(cluster), run=run)
+    except ConfigError as e:
+        raise config_error(e, definition.name) from None
 
 
 @app.command()
@@ -138,27 +146,27 @@ def render(
     cluster: str = ClusterOpt,
     ephemeral: bool = typer.Option(False, "--ephemeral", help="The RayJob (+ spec ConfigMap) of an ephemeral run."),
 ) -> None:
-    """Print the Kubernetes manifests a run would apply (nothing is contacted)."""
+    """Print what `launch up` would apply (Kubernetes manifests; the Ray cluster-launcher
+    config on AWS), checked first; nothing is contacted."""
     import yaml
 
-    from launcher import submit
-    from launcher.clusters import load_cluster
+    from cluster import provider
+    from launcher import preflight, submit
+    from launcher.clusters import load_checked
     from launcher.config import load_spec
 
     spec = load_spec(spec_file, overrides or [])
-    definition = load_cluster(cluster)
-    if definition.kind != "kubernetes":
+    definition = load_checked(cluster)
+    prov = provider(definition.kind)
+    if not prov.supports("render"):
         raise UsageError(f"--cluster {cluster} is {definition.kind}: it has no manifests",
                          hint="`launch run --dry-run` shows what a local run would do")
-    from launcher import preflight
-
-    preflight.check_spec(spec, str(spec_file), remote=True)
-    run_id = submit.new_run_id()
-    docs = _manifests(definition, spec, run_id, ephemeral)
+    _check_ephemeral(ephemeral, prov, cluster, definition)
+    preflight.check_spec(spec, str(spec_file), remote=not prov.READS_LOCAL_FILES,
+                         credentials=prov.CLUSTER_CREDENTIALS or preflight.REMOTE_CREDENTIALS)
+    docs, note = _documents(prov, definition, cluster, spec, submit.new_run_id(), ephemeral)
     print(yaml.safe_dump_all(docs, sort_keys=False), end="")
-    note = (f"the run id ({run_id}) is chosen at submission" if ephemeral else
-            "runs are submitted to this RayCluster through the Ray Jobs API; `launch up` applies it")
-    _say(f"# {len(docs)} object(s) for namespace {definition.namespace}; {note}")
+    _say(f"# {note}")
 
 
 def _follow(address: str, job_id: str, hints: list[str], json_out: bool, verbose: bool = False) -> None:
@@ -226,9 +234,9 @@ def schema(markdown: bool = typer.Option(False, "--markdown", help="Print a refe
 def up(cluster: str = typer.Argument("local", help="Cluster name or `local`.")) -> None:
     """Start a cluster (or confirm it is running) and print its Ray Jobs address."""
     from cluster import provider
-    from launcher.clusters import load_cluster
+    from launcher.clusters import load_checked
 
-    definition = load_cluster(cluster)
+    definition = load_checked(cluster)
     address = provider(definition.kind).up(definition, on_progress=_say)
     print(address)
 
@@ -240,7 +248,7 @@ def down(cluster: str = typer.Argument("local", help="Cluster name or `local`.")
     from launcher.clusters import load_cluster
 
     definition = load_cluster(cluster)
-    stopped = provider(definition.kind).down(definition)
+    stopped = provider(definition.kind).down(definition, on_progress=_say)
     _say(f"cluster {definition.name} stopped" if stopped else f"cluster {definition.name} was not running")
 
 
@@ -258,7 +266,7 @@ def status(
     definition = load_cluster(cluster)
     prov = provider(definition.kind)
     st = prov.status(definition)
-    if st.running and st.address is None:  # kubernetes: reached through a port-forward
+    if st.running and st.address is None:  # reached through a port-forward or tunnel, opened now
         st.address = prov.address(definition)
     jobs = []
     if st.running:
@@ -272,11 +280,14 @@ def status(
     if json_out:
         print(json.dumps({"cluster": asdict(st), "jobs": jobs}, indent=1))
         return
-    if not st.running:
+    if st.running:
+        res = ", ".join(f"{k} {v:g}" if k in ("CPU", "GPU") else f"{k} {v / 2**30:.1f} GiB"
+                        for k, v in st.resources.items())
+        _say(f"{st.name} ({st.kind}) at {st.address}: {len(st.nodes)} node(s); {res}")
+    else:
         _say(f"{st.name} ({st.kind}): {st.detail}")
-        return
-    res = ", ".join(f"{k} {v:g}" if k in ("CPU", "GPU") else f"{k} {v / 2**30:.1f} GiB" for k, v in st.resources.items())
-    _say(f"{st.name} ({st.kind}) at {st.address}: {len(st.nodes)} node(s); {res}")
+    # Also when not running: nodes that exist but are not set up (a head whose SSH never came
+    # up keeps running, and costing, until `launch down`).
     for node in st.nodes:
         _say("  " + "  ".join(f"{k}={v}" for k, v in node.items() if v is not None))
     for j in jobs[-20:]:
@@ -359,12 +370,9 @@ def _address(cluster: str, job_id: str | None = None) -> str:
     from launcher.errors import ClusterError
 
     definition = load_cluster(cluster)
-    if definition.kind == "kubernetes" and job_id:  # an ephemeral run has a cluster of its own
-        from cluster.kubernetes import address_for_job
-
-        address = address_for_job(definition, job_id)
-    else:
-        address = provider(definition.kind).address(definition)
+    prov = provider(definition.kind)
+    # A job's own address: an ephemeral run has a cluster of its own.
+    address = prov.job_address(definition, job_id) if job_id else prov.address(definition)
     if address is None:
         raise ClusterError(f"cluster {definition.name} is not running", hint=f"launch up {cluster}")
     return address
@@ -448,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         from click.exceptions import Abort, ClickException
 
-        from cluster import ProviderError
+        from cluster import ConfigError, ProviderError
         from trainers.storage import StorageError
 
         if isinstance(e, ClickException):
@@ -458,6 +466,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         if debug:
             raise
+        if isinstance(e, ConfigError):  # a definition its cluster's tools refuse, found past load_checked
+            _say(f"error: {e}")
+            if e.hint:
+                _say(f"hint: {e.hint}")
+            sys.exit(2)
         if isinstance(e, ProviderError):
             _say(f"error: {e}")
             if e.hint:

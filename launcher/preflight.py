@@ -17,18 +17,25 @@ from trainers.spec import AnyRun, ZeroSpec
 from trainers.user_errors import importable
 
 
-def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool = False) -> dict:
+# Where a remote cluster's jobs get storage credentials, in words (a provider's CLUSTER_CREDENTIALS).
+REMOTE_CREDENTIALS = "the cluster's storage Secret"
+
+
+def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool = False,
+               credentials: str = REMOTE_CREDENTIALS) -> dict:
     """Offline checks (used by `launch validate`): the DeepSpeed config resolves from the
     spec and the local files it names exist (on a remote cluster: that it names none, as
-    the pods cannot read this machine's files). Returns the resolved DeepSpeed config."""
+    its nodes cannot read this machine's files). Returns the resolved DeepSpeed config.
+    `credentials`: where a remote cluster's jobs get theirs, for the messages."""
     issues: list[SpecIssue] = []
     if remote:
         issues += _local_paths_on_remote(spec)
-        from cluster.kubernetes_spec import looks_secret
+        from cluster import looks_secret
 
         issues += [SpecIssue(f"env.{name}", "looks like a credential: on a remote cluster it would sit in the job's "
-                             "runtime_env in plain text; put it in the cluster's storage_secret") for name in spec.env
-                   if looks_secret(name)]
+                             f"runtime_env in plain text; the cluster's jobs get credentials from {credentials}")
+                   for name in spec.env if looks_secret(name)]
+    issues += _max_failures_issues(spec)
     if spec.tune is not None:
         from trainers.tune_spec import search_space_problems
 
@@ -54,6 +61,21 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
     if issues:
         raise SpecError(source, issues)
     return ds_cfg
+
+
+def _max_failures_issues(spec: AnyRun) -> list[SpecIssue]:
+    """`env.LLMLAUNCH_MAX_FAILURES` (a run's own restart limit over the cluster's) is read by
+    the job as an int: a bad value is exit 2 here, not a traceback there."""
+    from trainers.entry import MAX_FAILURES_ENV
+
+    value = spec.env.get(MAX_FAILURES_ENV)
+    try:
+        if value is None or int(value) >= -1:
+            return []
+    except ValueError:
+        pass
+    return [SpecIssue(f"env.{MAX_FAILURES_ENV}", "restarts after a lost node: an integer >= 0, or -1 for no limit",
+                      value)]
 
 
 def _ppo_issues(spec: AnyRun, source: str) -> list[SpecIssue]:
@@ -239,27 +261,27 @@ def check_train_packages(spec: AnyRun | None = None) -> None:
                          hint="pip install 'llmlaunch[train]'")
 
 
-def check_storage(spec: AnyRun, *, remote: bool = False) -> str | None:
+def check_storage(spec: AnyRun, *, remote: bool = False, credentials: str = REMOTE_CREDENTIALS) -> str | None:
     """The run's storage is reachable and writable. On a local cluster the job has this
-    machine's credentials, so a failure is final (exit 2). A remote cluster's pods use its
-    own storage Secret, which this machine cannot see: there a failure is only a warning,
-    returned for the caller to print."""
+    machine's credentials, so a failure is final (exit 2). A remote cluster's jobs use
+    credentials of its own (`credentials`: which, in words), which this machine cannot see:
+    there a failure is only a warning, returned for the caller to print."""
     target = storage.join(spec.checkpoint.storage, spec.name)
     try:
         storage.check_writable(target)
     except storage.StorageError as e:
         message = f"checkpoint.storage: {getattr(e, 'message', e)}"
         if remote:
-            return f"{message} (from this machine; the cluster's pods use its storage Secret)"
+            return f"{message} (from this machine; the cluster's jobs use {credentials})"
         raise StorageError(message, hint=getattr(e, "hint", None)) from None
     return None
 
 
-def check_init_from(spec: AnyRun, source: str, *, remote: bool = False):
+def check_init_from(spec: AnyRun, source: str, *, remote: bool = False, credentials: str = REMOTE_CREDENTIALS):
     """`model.init_from` names a finished run with an exported model: a missing parent is
     exit 2 here, not once the cluster is up. Returns (the parent, a warning): a remote
-    cluster's pods read the storage with its own Secret, so there a storage this machine
-    cannot read is only a warning (the job resolves it where it runs), as for
+    cluster's jobs read the storage with credentials of their own, so there a storage this
+    machine cannot read is only a warning (the job resolves it where it runs), as for
     `check_storage`. (None, None) without `init_from`."""
     if spec.model.init_from is None:
         return None, None
@@ -274,14 +296,14 @@ def check_init_from(spec: AnyRun, source: str, *, remote: bool = False):
     except storage.StorageError as e:
         message = f"{lineage.FIELD}: {getattr(e, 'message', e)}"
         if remote:
-            return None, f"{message} (from this machine; the job resolves it with the cluster's storage Secret)"
+            return None, f"{message} (from this machine; the job resolves it with {credentials})"
         raise StorageError(message, hint=getattr(e, "hint", None)) from None
 
 
 def check_resources(spec: AnyRun, status: ClusterStatus) -> None:
     """The workers fit the cluster (a run that cannot be placed would wait forever).
-    `status.resources` is what the cluster can provide: the live total for a local head,
-    the worker groups at their maximum size for an autoscaling Kubernetes cluster."""
+    `status.resources` is what the cluster can provide: the live total of a running cluster
+    (`status`), or an autoscaling cluster's worker types at their maximum size (`capacity`)."""
     r = spec.resources
     have_cpu, have_gpu = status.resources.get("CPU", 0), status.resources.get("GPU", 0)
     gpus = r.worker_gpus(status.resources)

@@ -20,12 +20,12 @@ from typing import Callable
 import trainers
 from launcher.config import for_cluster
 from launcher.errors import LaunchTimeout, UsageError
-from trainers.entry import RUN_ID_ENV, SPEC_ENV
+from trainers.entry import MAX_FAILURES_ENV, RUN_ID_ENV, SPEC_ENV
 from trainers.secrets_env import SECRETS_FILE_ENV
 from trainers.spec import AnyRun
 from trainers.user_errors import DEBUG_ENV
 
-# Variables a local cluster passes through from the launcher's environment: storage
+# Variables the launcher passes to a local cluster from its own environment: storage
 # endpoints and credentials, and the Hugging Face hub settings. Values are never printed.
 LOCAL_PASSTHROUGH_PREFIXES = ("AWS_", "HF_", "HUGGING_FACE_")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -35,15 +35,19 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + _secrets.token_hex(2)
 
 
-def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
-    """The job's environment. Credential values never go in it (Ray logs runtime_envs): on a
-    local cluster they go to a 0600 file whose path the job gets (trainers.secrets_env)."""
-    from cluster.kubernetes_spec import looks_secret
+def job_env(spec: AnyRun, run_id: str, *, cluster_credentials: str | None, max_failures: int = 0) -> dict[str, str]:
+    """The job's environment. Credential values never go in it (Ray logs runtime_envs): when
+    the launcher passes its own (`cluster_credentials` None: the provider's
+    CLUSTER_CREDENTIALS, a local cluster) they go to a 0600 file whose path the job gets
+    (trainers.secrets_env); otherwise the cluster's jobs get theirs from what that names.
+    `max_failures`: the provider's restart limit for the run, unless the spec's `env` sets one."""
+    from cluster import looks_secret
 
+    local = cluster_credentials is None
     env = dict(spec.env)
     if spec.secrets and not local:
         raise UsageError("secrets: on a remote cluster secrets come from the cluster, not the launcher",
-                         hint="put them in the cluster definition's storage_secret (a Kubernetes Secret)")
+                         hint=f"the cluster's jobs get credentials from {cluster_credentials}")
     missing = [name for name in spec.secrets if name not in os.environ]
     if missing:
         raise UsageError(f"secrets: {', '.join(missing)} not set in this environment",
@@ -64,6 +68,10 @@ def job_env(spec: AnyRun, run_id: str, *, local: bool) -> dict[str, str]:
         env[DEBUG_ENV] = "1"
     env[SPEC_ENV] = json.dumps(for_cluster(spec))
     env[RUN_ID_ENV] = run_id
+    # Ray Train's FailureConfig(max_failures) in trainers.entry.fit: how often the workers restart
+    # from the newest complete checkpoint after a node is lost (a spot reclaim). Unset is 0 there.
+    if max_failures:
+        env.setdefault(MAX_FAILURES_ENV, str(max_failures))
     # Ray Train's controller polls workers at this interval; the 2 s default adds idle
     # seconds to every run's start and end.
     env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -102,14 +110,16 @@ def wait_for_job(address: str, job_id: str, timeout_s: float = 600) -> None:
             time.sleep(2)
 
 
-def submit(address: str, spec: AnyRun, run_id: str, *, local: bool, user_modules: list[str] = ()) -> str:
+def submit(address: str, spec: AnyRun, run_id: str, *, cluster_credentials: str | None, max_failures: int = 0,
+           user_modules: list[str] = ()) -> str:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
     # The trainers package travels with the job, so workers run the launcher's version
     # of the training code whatever the cluster image holds; so do the user's modules the
     # spec names (a reward function), which a remote cluster has never seen.
-    runtime_env = {"env_vars": job_env(spec, run_id, local=local),
+    runtime_env = {"env_vars": job_env(spec, run_id, cluster_credentials=cluster_credentials,
+                                       max_failures=max_failures),
                    "py_modules": [str(Path(trainers.__file__).parent), *user_modules]}
     return client.submit_job(
         entrypoint="python -m trainers.entry",

@@ -23,6 +23,7 @@ from trainers.user_errors import JobUserError
 SPEC_ENV = "LLMLAUNCH_SPEC"
 SPEC_FILE_ENV = "LLMLAUNCH_SPEC_FILE"
 RUN_ID_ENV = "LLMLAUNCH_RUN_ID"
+MAX_FAILURES_ENV = "LLMLAUNCH_MAX_FAILURES"  # FailureConfig(max_failures): the launcher sets it from the cluster
 
 
 def main() -> int:
@@ -348,7 +349,8 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
                                      resources_per_worker=resources, accelerator_type=spec.resources.accelerator_type),
         # Ray wants `bucket/prefix` with the filesystem, not `s3://bucket/prefix`.
         run_config=RunConfig(name="checkpoints", storage_path=run_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=0), callbacks=callbacks or []),
+                             failure_config=FailureConfig(max_failures=int(os.environ.get(MAX_FAILURES_ENV, "0"))),
+                             callbacks=callbacks or []),
         datasets=datasets,
     )
     return trainer.fit()

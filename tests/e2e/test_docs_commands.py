@@ -31,6 +31,14 @@ RUN_ELSEWHERE = {
     "launch configs/examples/prod_sft.yaml --cluster prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
     "launch configs/examples/prod_sft.yaml --cluster prod --ephemeral": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
     "launch down prod": "tests/k8s/test_live_cluster.py (pytest -m k8s, KUBECONFIG)",
+    # docs/aws.md: against moto on 127.0.0.1, as far as moto goes (its instances never boot: the
+    # head is launched, SSH never comes up); the rest needs a real AWS account
+    "launch up aws-dev": "tests/integration/test_aws_cli.py::test_up_status_run_down_against_moto",
+    "launch status aws-dev": "tests/integration/test_aws_cli.py::test_up_status_run_down_against_moto",
+    "launch down aws-dev": "tests/integration/test_aws_cli.py::test_up_status_run_down_against_moto",
+    "launch run configs/examples/prod_sft.yaml --cluster aws-dev":
+        "a real AWS account (nodes that boot, SSH, the Jobs API over the tunnel, GPUs); "
+        "tests/integration/test_aws_cli.py runs it against moto up to `up` (pre-flight, capacity, the head)",
     # a GPU cluster that reaches the hub and S3: the render test checks what it would apply, a
     # search itself runs in tests/integration/test_tune.py, a run on KubeRay in tests/k8s
     "launch configs/examples/prod_tune.yaml --cluster prod": "test_kubernetes_doc_render_commands + test_tune.py",
@@ -80,6 +88,7 @@ TESTED = {
     "launch render configs/examples/prod_sft.yaml --cluster prod",
     "launch render configs/examples/prod_sft.yaml --cluster prod --ephemeral",
     "launch render configs/examples/prod_tune.yaml --cluster prod",
+    "launch render configs/examples/prod_sft.yaml --cluster aws-dev",
 }
 
 
@@ -241,3 +250,27 @@ def test_kubernetes_doc_render_commands(tmp_path, command, kinds):
     proc = shell(command, str(tmp_path))
     assert_ok(proc)
     assert [d["kind"] for d in yaml.safe_load_all(proc.stdout)] == kinds
+
+
+def test_aws_doc_render_command(tmp_path):
+    """docs/aws.md's `launch render`, with aws-dev.yaml copied from the example as the page tells
+    a user to, and AWS pointed at a port where nothing listens: it contacts nothing."""
+    import shutil
+    import socket
+
+    import yaml
+
+    clusters = tmp_path / "clusters"
+    clusters.mkdir()
+    shutil.copy(REPO / "configs/clusters/aws-example.yaml", clusters / "aws-dev.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    proc = shell("launch render configs/examples/prod_sft.yaml --cluster aws-dev", str(tmp_path),
+                 env={"LLMLAUNCH_CLUSTERS": str(clusters), "AWS_ENDPOINT_URL": nowhere,
+                      "AWS_EC2_METADATA_DISABLED": "true"})
+    assert_ok(proc)
+    [config] = yaml.safe_load_all(proc.stdout)
+    assert config["cluster_name"] == "aws-dev"
+    assert {t["node_config"]["InstanceType"] for t in config["available_node_types"].values()} == {
+        "m6i.xlarge", "g5.12xlarge"}
