@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, output
-from tests.fixtures.moto_server import MARKERS, aws_env, create_instance_profile, start_moto
+from tests.fixtures.moto_server import MARKERS, aws_env, create_instance_profile, moto  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
 EXAMPLE = REPO / "configs" / "clusters" / "aws-example.yaml"
@@ -78,13 +78,6 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMLAUNCH_HOME", str(tmp_path / "llmlaunch"))
     monkeypatch.setenv("LLMLAUNCH_CLUSTERS", str(tmp_path / "clusters"))
     return tmp_path / "clusters"
-
-
-@pytest.fixture(scope="module")
-def moto():
-    server = start_moto()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -37,17 +37,10 @@ import yaml
 from cluster import ProviderError, aws
 from cluster.definition import parse_cluster
 from tests.conftest import REPO
-from tests.fixtures.moto_server import MARKERS, aws_env, create_instance_profile, start_moto
+from tests.fixtures.moto_server import MARKERS, aws_env, create_instance_profile, moto  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
 EXAMPLE = REPO / "configs" / "clusters" / "aws-example.yaml"
-
-
-@pytest.fixture(scope="module")
-def moto():
-    server = start_moto()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
