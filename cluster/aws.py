@@ -12,32 +12,36 @@ launcher (`ray.autoscaler.sdk`, what `ray up` / `ray down` use).
 
 AWS calls honour the usual configuration (profiles, SSO, `AWS_ENDPOINT_URL`), so the tests
 run all of this against moto on 127.0.0.1; booting nodes, SSH and `ray start` they cannot show.
+
+This module is the provider interface (cluster/__init__.py) and what only `up` / `down` /
+`status` use: the security group, the cluster's instances, Ray's launcher and its output.
+The pieces it builds on: `cluster.aws_spec` (the definition), `cluster.aws_render` (the
+rendered config), `cluster.aws_preflight` (the read-only lookups before `up`, and the boto3
+client and call every AWS request goes through), `cluster.aws_errors` (AWS errors as
+ProviderErrors with a hint) and `cluster.aws_tunnel` (the SSH tunnel to the Jobs API).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
 import os
 import re
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any, Callable
 
 from cluster import ClusterStatus, ProviderError
-from cluster.aws_render import DASHBOARD_PORT, ConfigError, ingress_problems, ssh_ip_permissions, tags
-from cluster.aws_spec import HEAD_NODE_TYPE, AwsCluster, WorkerNodeType
+from cluster.aws_errors import client_error, launch_error
+from cluster.aws_preflight import call, client, instance_types, preflight
+from cluster.aws_render import ConfigError, ingress_problems, ssh_ip_permissions, tags
+from cluster.aws_spec import HEAD_NODE_TYPE, AwsCluster
+from cluster.aws_tunnel import close_tunnels, reach
 
 __all__ = ["READS_LOCAL_FILES", "USES_THIS_PYTHON", "CLUSTER_CREDENTIALS", "render", "validate", "documents",
-           "job_address", "max_failures", "preflight", "instance_types", "ensure_security_group", "up", "head_would_be_replaced",
-           "address", "tunnel_command", "key_path", "state_dir", "nodes", "status", "down", "capacity", "supports",
-           "client_error", "client_error_from", "launch_error", "missing_credentials", "quota_name", "ConfigError"]
+           "job_address", "max_failures", "ensure_security_group", "up", "head_would_be_replaced", "address",
+           "nodes", "status", "down", "capacity", "supports", "ConfigError"]
 
 # The provider interface (cluster/__init__.py): nodes read no file of this machine, run their own
 # Python (setup_commands or `image`), and reach S3 as their instance profile; no key is copied.
@@ -45,8 +49,6 @@ READS_LOCAL_FILES = False
 USES_THIS_PYTHON = False
 CLUSTER_CREDENTIALS = "the nodes' instance profile (`iam_instance_profile`)"
 
-DOCS = "docs/aws.md"
-TUNNEL_TIMEOUT_S = 60
 DOWN_TIMEOUT_S = 600
 DOWN_POLL_S = 2.0
 # Ray's instance tags (ray.autoscaler.tags).
@@ -92,303 +94,6 @@ def max_failures(definition: AwsCluster) -> int:
     return definition.effective_max_failures
 
 
-# ---------------------------------------------------------------- errors (pure)
-
-
-def _quota_group(instance_type: str) -> str:
-    family = re.match(r"[a-z]+", instance_type).group()
-    for prefix, group in (("vt", "G and VT"), ("g", "G and VT"), ("inf", "Inf"), ("trn", "Trn"), ("dl", "DL"),
-                          ("hpc", "HPC"), ("p", "P"), ("f", "F"), ("x", "X")):
-        if family.startswith(prefix):
-            return group
-    return "Standard (A, C, D, H, I, M, R, T, Z)"
-
-
-def quota_name(instance_type: str, spot: bool) -> str:
-    """The EC2 Service Quotas entry (vCPU-based) that limits launches of this instance type."""
-    group = _quota_group(instance_type)
-    return f"All {group} Spot Instance Requests" if spot else f"Running On-Demand {group} instances"
-
-
-def _fallback_line(definition: AwsCluster | None, node_type: str | None) -> str:
-    """What happens instead when the node type `node_type` cannot launch."""
-    if definition is None or node_type is None:
-        return ""
-    worker = next((w for w in definition.workers if node_type in (w.name, w.fallback_name)), None)
-    if worker is None or not worker.spot:
-        return ""
-    if node_type == worker.name and worker.on_demand_fallback:
-        fb_type = worker.on_demand_fallback.instance_type or worker.instance_type
-        return (f" Fallback: the on-demand node type `{worker.fallback_name}` ({fb_type}, priority below the spot "
-                f"type); Ray's autoscaler moves to it when it marks `{worker.name}` unavailable ({DOCS}, Spot).")
-    if node_type == worker.name:
-        return " No fallback: add `on_demand_fallback` to this worker type to run on-demand when spot is short."
-    return ""
-
-
-def launch_error(code: str, message: str, definition: AwsCluster | None = None, node_type: str | None = None,
-                 instance_type: str | None = None) -> ProviderError:
-    """An EC2 launch failure (a RunInstances error code) as a ProviderError saying what to do:
-    no capacity, quotas, spot price, permissions. `node_type` names the rendered node type."""
-    spot = False
-    if definition is not None and node_type is not None:
-        for w in definition.workers:
-            if node_type == w.name:
-                spot, instance_type = w.spot, instance_type or w.instance_type
-            elif node_type == w.fallback_name:
-                instance_type = instance_type or w.on_demand_fallback.instance_type or w.instance_type
-        if node_type == HEAD_NODE_TYPE:
-            instance_type = instance_type or definition.head.instance_type
-    itype = instance_type or "the instance type"
-    market = "spot" if spot else "on-demand"
-    zones = ", ".join(definition.availability_zones) if definition and definition.availability_zones else "any zone"
-    fallback = _fallback_line(definition, node_type)
-    what = f"launching {market} {itype}" + (f" (node type {node_type})" if node_type else "")
-    message = (message or "")[:600]
-    if code == "InsufficientInstanceCapacity":
-        return ProviderError(f"{what}: AWS has no {market} capacity for {itype} in {zones} right now: {message}",
-                             hint="Ray tries the next of `availability_zones` first; list more zones or choose "
-                                  "another instance type." + fallback)
-    if code in ("VcpuLimitExceeded", "MaxSpotInstanceCountExceeded", "InstanceLimitExceeded"):
-        quota = quota_name(itype, spot) if instance_type else "the instance family's vCPU quota"
-        return ProviderError(f"{what}: the account's quota is used up ({code}): {message}",
-                             hint=f"request more vCPUs for \"{quota}\" in {definition.region if definition else 'the region'} "
-                                  f"(Service Quotas > Amazon EC2), or lower max_workers; see {DOCS}, Quotas." + fallback)
-    if code == "SpotMaxPriceTooLow":
-        return ProviderError(f"{what}: the spot price is above `spot_max_price`: {message}",
-                             hint="raise or remove spot_max_price (default: the on-demand price)." + fallback)
-    if code in ("Unsupported", "InvalidInstanceType"):
-        return ProviderError(f"{what}: {itype} is not offered there: {message}",
-                             hint="choose zones that offer it (`aws ec2 describe-instance-type-offerings "
-                                  "--location-type availability-zone`) or another instance type")
-    if code == "InvalidParameterValue" and "iamInstanceProfile" in message:
-        return ProviderError(f"{what}: EC2 does not accept the instance profile yet: {message}",
-                             hint="a new instance profile takes a minute to reach EC2 (IAM is eventually "
-                                  "consistent): run `launch up` again")
-    return client_error_from(code, message, what, definition)
-
-
-def client_error_from(code: str, message: str, what: str, definition: AwsCluster | None = None) -> ProviderError:
-    """Credentials, permission and not-found errors of any AWS call, by error code."""
-    message = (message or "")[:600]
-    region = definition.region if definition else "the region"
-    if code in ("AuthFailure", "InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException",
-                "InvalidAccessKeyId"):
-        return ProviderError(f"{what}: AWS rejected the credentials ({code})",
-                             hint="check which identity is used: `aws sts get-caller-identity` (AWS_PROFILE, "
-                                  "`aws configure`, `aws sso login`)")
-    if code in ("ExpiredToken", "ExpiredTokenException", "RequestExpired"):
-        return ProviderError(f"{what}: the AWS session has expired ({code})",
-                             hint="renew it (`aws sso login`, or new temporary credentials) and run the command again")
-    if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "UnauthorizedAccess"):
-        return ProviderError(f"{what}: not allowed for this AWS identity ({code}): {message[:300]}",
-                             hint=f"an admin grants the launcher's permissions ({DOCS}, Launcher permissions); "
-                                  "`aws sts decode-authorization-message` explains an encoded message")
-    if code.startswith("InvalidAMIID"):
-        return ProviderError(f"{what}: the AMI does not exist in {region} ({code}): {message}",
-                             hint=f"AMI ids differ per region: look up the region's id ({DOCS}, AMI) and set `ami`")
-    if code == "InvalidKeyPair.NotFound":
-        return ProviderError(f"{what}: no such EC2 key pair in {region}: {message}",
-                             hint="import your public key (`aws ec2 import-key-pair`) or drop `ssh_key` to let Ray "
-                                  "create one")
-    if code in ("InvalidSubnetID.NotFound", "InvalidSubnetID.Malformed"):
-        return ProviderError(f"{what}: a subnet in `subnet_ids` does not exist in {region}: {message}",
-                             hint="`aws ec2 describe-subnets` lists the region's subnets")
-    if code in ("InvalidGroup.NotFound", "InvalidGroupId.Malformed"):
-        return ProviderError(f"{what}: a security group in `security_group.ids` does not exist in {region}: {message}")
-    if code == "NoSuchEntity":
-        return ProviderError(f"{what}: {message}",
-                             hint=f"an admin creates the instance profile and its role ({DOCS}, Instance profiles)")
-    return ProviderError(f"{what}: AWS answered {code}: {message}")
-
-
-def client_error(e: Exception, what: str, definition: AwsCluster | None = None) -> ProviderError:
-    """A botocore exception (ClientError, no credentials, no connection) as a ProviderError."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
-    from botocore.exceptions import PartialCredentialsError, TokenRetrievalError
-
-    if isinstance(e, ClientError):
-        err = e.response.get("Error", {})
-        return client_error_from(str(err.get("Code", "")), str(err.get("Message", "")), what, definition)
-    if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
-        return missing_credentials(what)
-    if isinstance(e, TokenRetrievalError):
-        return ProviderError(f"{what}: the AWS SSO session has expired", hint="`aws sso login` and run it again")
-    if isinstance(e, EndpointConnectionError):
-        return ProviderError(f"{what}: cannot reach AWS: {e}", hint="check the network (and AWS_ENDPOINT_URL if set)")
-    if isinstance(e, NoRegionError):
-        return ProviderError(f"{what}: no region", hint="set `region` in the cluster definition")
-    return ProviderError(f"{what}: {e}")
-
-
-def missing_credentials(what: str) -> ProviderError:
-    return ProviderError(f"{what}: no AWS credentials found on this machine",
-                         hint="`aws configure`, `aws sso login` or AWS_PROFILE; they stay on this machine (the nodes "
-                              "use their instance profile, nothing is copied into the cluster config)")
-
-
-# ---------------------------------------------------------------- AWS calls
-
-
-def _client(service: str, definition: AwsCluster):
-    import boto3
-    from botocore.config import Config
-
-    # No endpoint given: boto3 honours AWS_ENDPOINT_URL (the tests' moto server), as Ray's clients do.
-    return boto3.client(service, region_name=definition.region,
-                        config=Config(retries={"max_attempts": 3, "mode": "standard"}))
-
-
-def _call(fn: Callable, what: str, definition: AwsCluster, **kwargs):
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        return fn(**kwargs)
-    except (ClientError, BotoCoreError) as e:
-        raise client_error(e, what, definition) from None
-
-
-def _check_credentials(definition: AwsCluster) -> None:
-    import boto3
-
-    if boto3.Session().get_credentials() is None:
-        raise missing_credentials("AWS")
-    _call(_client("sts", definition).get_caller_identity, "checking the AWS credentials", definition)
-
-
-def instance_types(definition: AwsCluster) -> dict[str, dict[str, Any]]:
-    """CPU, GPU and architecture of every instance type the definition names, as the region
-    reports them (describe_instance_types); an unknown type is a ProviderError naming its field."""
-    from botocore.exceptions import ClientError
-
-    wanted: dict[str, str] = {}
-    for name, (where, node) in definition.node_types().items():
-        fb = isinstance(node, WorkerNodeType) and name == node.fallback_name
-        itype = (node.on_demand_fallback.instance_type or node.instance_type) if fb else node.instance_type
-        wanted.setdefault(itype, f"{where}.instance_type" if not fb or node.on_demand_fallback.instance_type
-                          else f"{where.removesuffix('.on_demand_fallback')}.instance_type")
-    ec2 = _client("ec2", definition)
-    found: dict[str, dict[str, Any]] = {}
-    for itype, where in wanted.items():  # one call each: the error then names the field
-        try:
-            reply = ec2.describe_instance_types(InstanceTypes=[itype])
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("InvalidInstanceType", "InvalidParameterValue"):
-                raise ProviderError(f"{where}: instance type {itype} does not exist in {definition.region}",
-                                    hint="`aws ec2 describe-instance-types --region "
-                                         f"{definition.region}` lists them; names look like g5.12xlarge") from None
-            raise client_error(e, "looking up instance types", definition) from None
-        except Exception as e:
-            raise client_error(e, "looking up instance types", definition) from None
-        info = reply["InstanceTypes"][0]
-        gpus = sum(g.get("Count", 0) for g in (info.get("GpuInfo") or {}).get("Gpus", []))
-        found[itype] = {"CPU": float(info["VCpuInfo"]["DefaultVCpus"]), "GPU": float(gpus),
-                        "memory_mib": info.get("MemoryInfo", {}).get("SizeInMiB"),
-                        "architectures": (info.get("ProcessorInfo") or {}).get("SupportedArchitectures", []),
-                        "field": where}
-    return found
-
-
-def preflight(definition: AwsCluster, on_progress: Progress | None = None) -> dict[str, dict[str, Any]]:
-    """The lookups `up` makes before starting anything, each failure a ProviderError with a hint:
-    credentials, zones, subnets, instance types (and their offer in the zones), AMIs (and their
-    architecture), instance profiles (and their role), the key pair, existing security groups.
-    Returns `instance_types(definition)`."""
-    say = on_progress or _quiet
-    _check_credentials(definition)
-    ec2 = _client("ec2", definition)
-    if definition.availability_zones:
-        zones = _call(ec2.describe_availability_zones, "looking up availability_zones", definition,
-                      Filters=[{"Name": "zone-name", "Values": list(definition.availability_zones)}])
-        known = {z["ZoneName"] for z in zones["AvailabilityZones"]}
-        if missing := [z for z in definition.availability_zones if z not in known]:
-            raise ProviderError(f"availability_zones: {', '.join(missing)} not in {definition.region}",
-                                hint=f"known zones: {', '.join(sorted(known)) or 'none'}")
-    if definition.subnet_ids:
-        subnets = _call(ec2.describe_subnets, "looking up subnet_ids", definition, SubnetIds=list(definition.subnet_ids))
-        vpcs = {s["VpcId"] for s in subnets["Subnets"]}
-        if len(vpcs) > 1:
-            raise ProviderError(f"subnet_ids are in {len(vpcs)} VPCs ({', '.join(sorted(vpcs))})",
-                                hint="Ray keeps a cluster in one VPC: list subnets of one VPC")
-        outside = [s["SubnetId"] for s in subnets["Subnets"]
-                   if definition.availability_zones and s["AvailabilityZone"] not in definition.availability_zones]
-        if outside:
-            raise ProviderError(f"subnet_ids {', '.join(outside)} are outside availability_zones",
-                                hint="Ray would refuse the mismatch: list their zones or drop them")
-    types = instance_types(definition)
-    if definition.availability_zones:
-        offers = _call(ec2.describe_instance_type_offerings, "looking up instance type offerings", definition,
-                       LocationType="availability-zone",
-                       Filters=[{"Name": "instance-type", "Values": sorted(types)},
-                                {"Name": "location", "Values": list(definition.availability_zones)}])
-        offered: dict[str, set[str]] = {}
-        for o in offers.get("InstanceTypeOfferings", []):
-            offered.setdefault(o["InstanceType"], set()).add(o["Location"])
-        for itype, info in types.items():
-            zones = offered.get(itype, set())
-            if not zones:
-                raise ProviderError(f"{info['field']}: {itype} is not offered in {', '.join(definition.availability_zones)}",
-                                    hint="add zones that offer it (`aws ec2 describe-instance-type-offerings "
-                                         "--location-type availability-zone`) or choose another type")
-            if len(zones) < len(definition.availability_zones):
-                say(f"note: {itype} is offered in {', '.join(sorted(zones))} only (of availability_zones)")
-    _check_amis(definition, types)
-    _check_profiles(definition)
-    if definition.ssh_key:
-        _call(ec2.describe_key_pairs, "looking up ssh_key.key_pair_name", definition,
-              KeyNames=[definition.ssh_key.key_pair_name])
-        if not definition.ssh_key.path.is_file():
-            raise ProviderError(f"ssh_key.private_key_path {definition.ssh_key.path} does not exist",
-                                hint="the private key of the key pair, readable by you only (chmod 600)")
-    if definition.security_group.ids:
-        groups = _call(ec2.describe_security_groups, "looking up security_group.ids", definition,
-                       GroupIds=list(definition.security_group.ids))
-        for g in groups["SecurityGroups"]:
-            if problems := ingress_problems(g.get("IpPermissions", []), allowed_ssh=("0.0.0.0/0", "::/0")):
-                raise ProviderError(f"security group {g['GroupId']} ({g.get('GroupName')}): {'; '.join(problems)}",
-                                    hint="remove those inbound rules: the launcher reaches the Jobs API through SSH")
-    say(f"pre-flight: credentials, instance types ({', '.join(sorted(types))}), AMIs and instance profiles "
-        f"found in {definition.region}")
-    return types
-
-
-def _check_amis(definition: AwsCluster, types: dict[str, dict[str, Any]]) -> None:
-    from cluster.aws_render import default_ami
-
-    by_ami: dict[str, set[str]] = {}
-    for name, (where, node) in definition.node_types().items():
-        fb = isinstance(node, WorkerNodeType) and name == node.fallback_name
-        itype = (node.on_demand_fallback.instance_type or node.instance_type) if fb else node.instance_type
-        ami = node.ami or definition.ami or default_ami(definition.region)
-        if ami:
-            by_ami.setdefault(ami, set()).add(itype)
-    if not by_ami:
-        return
-    images = _call(_client("ec2", definition).describe_images, "looking up the AMIs (`ami`)", definition,
-                   ImageIds=sorted(by_ami))
-    arch = {i["ImageId"]: i.get("Architecture") for i in images["Images"]}
-    for ami, itypes in by_ami.items():
-        if ami not in arch:
-            raise client_error_from("InvalidAMIID.NotFound", ami, "looking up the AMIs (`ami`)", definition)
-        for itype in itypes:
-            supported = types[itype]["architectures"]
-            if arch[ami] and supported and arch[ami] not in supported:
-                raise ProviderError(f"AMI {ami} is {arch[ami]}, {itype} runs {', '.join(supported)}",
-                                    hint="use an AMI built for the instance type's architecture")
-
-
-def _check_profiles(definition: AwsCluster) -> None:
-    iam = _client("iam", definition)
-    names = {node.iam_instance_profile or definition.iam_instance_profile for _, node in definition.node_types().values()}
-    for name in sorted(names):
-        profile = _call(iam.get_instance_profile, f"looking up the instance profile {name}", definition,
-                        InstanceProfileName=name)["InstanceProfile"]
-        if not profile.get("Roles"):
-            raise ProviderError(f"instance profile {name} has no role: its nodes would get no credentials (no S3)",
-                                hint=f"an admin adds the role: `aws iam add-role-to-instance-profile` ({DOCS})")
-
-
 # ---------------------------------------------------------------- security group
 
 
@@ -400,7 +105,7 @@ def _vpc_ray_picks(definition: AwsCluster, config: dict[str, Any]) -> str:
     from ray.autoscaler._private.util import prepare_config
 
     if definition.subnet_ids:
-        reply = _call(_client("ec2", definition).describe_subnets, "looking up subnet_ids", definition,
+        reply = call(client("ec2", definition).describe_subnets, "looking up subnet_ids", definition,
                       SubnetIds=[definition.subnet_ids[0]])
         return reply["Subnets"][0]["VpcId"]
     try:
@@ -411,7 +116,7 @@ def _vpc_ray_picks(definition: AwsCluster, config: dict[str, Any]) -> str:
     except Exception as e:
         raise client_error(e, "looking up subnets", definition) from None
     subnet = chosen["available_node_types"][HEAD_NODE_TYPE]["node_config"]["SubnetIds"][0]
-    reply = _call(_client("ec2", definition).describe_subnets, "looking up subnets", definition, SubnetIds=[subnet])
+    reply = call(client("ec2", definition).describe_subnets, "looking up subnets", definition, SubnetIds=[subnet])
     return reply["Subnets"][0]["VpcId"]
 
 
@@ -457,14 +162,14 @@ def ensure_security_group(definition: AwsCluster, config: dict[str, Any] | None 
         return None
     say = on_progress or _quiet
     config = config or render(definition)
-    ec2 = _client("ec2", definition)
+    ec2 = client("ec2", definition)
     name = definition.security_group_name
     vpc = _vpc_ray_picks(definition, config)
-    found = _call(ec2.describe_security_groups, f"looking up security group {name}", definition,
+    found = call(ec2.describe_security_groups, f"looking up security group {name}", definition,
                   Filters=[{"Name": "vpc-id", "Values": [vpc]}, {"Name": "group-name", "Values": [name]}])["SecurityGroups"]
     if not found:
         tag_list = [{"Key": k, "Value": v} for k, v in tags(definition).items()]
-        created = _call(ec2.create_security_group, f"creating security group {name}", definition,
+        created = call(ec2.create_security_group, f"creating security group {name}", definition,
                         GroupName=name, VpcId=vpc,
                         Description=f"llmlaunch cluster {definition.name}: nodes to each other, SSH from the launcher",
                         TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list}])
@@ -487,11 +192,11 @@ def ensure_security_group(definition: AwsCluster, config: dict[str, Any] | None 
                                      "`security_group.ids`")
         return group_id
     if extra := current - wanted:
-        _call(ec2.revoke_security_group_ingress, f"updating security group {name}", definition,
+        call(ec2.revoke_security_group_ingress, f"updating security group {name}", definition,
               GroupId=group_id, IpPermissions=_as_perms(extra))
         say(f"security group {name}: removed {len(extra)} inbound rule(s) the definition no longer has")
     if missing := wanted - current:
-        _call(ec2.authorize_security_group_ingress, f"updating security group {name}", definition,
+        call(ec2.authorize_security_group_ingress, f"updating security group {name}", definition,
               GroupId=group_id, IpPermissions=_as_perms(missing, described=True))
     return group_id
 
@@ -501,8 +206,8 @@ def ensure_security_group(definition: AwsCluster, config: dict[str, Any] | None 
 
 def nodes(definition: AwsCluster) -> list[dict[str, Any]]:
     """The cluster's pending and running instances (Ray's `ray-cluster-name` tag), as dicts."""
-    ec2 = _client("ec2", definition)
-    pages = _call(ec2.describe_instances, "listing the cluster's instances", definition,
+    ec2 = client("ec2", definition)
+    pages = call(ec2.describe_instances, "listing the cluster's instances", definition,
                   Filters=[{"Name": f"tag:{TAG_CLUSTER}", "Values": [definition.name]},
                            {"Name": "instance-state-name", "Values": ["pending", "running"]}])
     out = []
@@ -552,7 +257,7 @@ def up(definition: AwsCluster, on_progress: Progress | None = print, update: boo
     healthy = bool(head and head["ray_status"] == STATUS_UP_TO_DATE)
     if healthy and not update:
         say(f"cluster {definition.name}: head {head['instance']} is up; using it as it is (`launch up` applies changes)")
-        return _reach(definition, head, say)
+        return reach(definition, head, say)
     preflight(definition, say)
     ensure_security_group(definition, config, say)
     if healthy and not replace_head and head_would_be_replaced(definition, config, head):
@@ -572,7 +277,7 @@ def up(definition: AwsCluster, on_progress: Progress | None = print, update: boo
         raise ProviderError(f"Ray's cluster launcher finished but the head of {definition.name} is "
                             f"{head['ray_status'] if head else 'missing'}",
                             hint=f"`launch status {definition.name}`; `launch down {definition.name}` terminates it")
-    return _reach(definition, head, say)
+    return reach(definition, head, say)
 
 
 def head_would_be_replaced(definition: AwsCluster, config: dict[str, Any], head: dict[str, Any]) -> bool:
@@ -684,7 +389,7 @@ def down(definition: AwsCluster, on_progress: Progress | None = None) -> bool:
     unreachable head would cost a 120 s SSH timeout. It repeats until no instance is left, since the
     head's autoscaler may launch a worker before it goes down."""
     say = on_progress or _quiet
-    _close_tunnels(definition.name)
+    close_tunnels(definition.name)
     # Ray's node provider logs to stdout; the launcher's progress (and Ray's, in `up`) is on stderr.
     with contextlib.redirect_stdout(sys.stderr):
         return _terminate_all(definition, say)
@@ -728,8 +433,8 @@ def status(definition: AwsCluster) -> ClusterStatus:
     ready = [n for n in found if n["ray_status"] == STATUS_UP_TO_DATE and n["state"] == "running"
              and (n["kind"] != "head" or not definition.workers)]
     if ready:
-        ec2 = _client("ec2", definition)
-        info = _call(ec2.describe_instance_types, "looking up instance types", definition,
+        ec2 = client("ec2", definition)
+        info = call(ec2.describe_instance_types, "looking up instance types", definition,
                      InstanceTypes=sorted({n["instance_type"] for n in ready}))["InstanceTypes"]
         per_type = {i["InstanceType"]: i for i in info}
         for n in ready:
@@ -777,120 +482,13 @@ def supports(feature: str) -> bool:
     return feature in {"gpu", "autoscaling", "spot", "render"}
 
 
-# ---------------------------------------------------------------- the SSH tunnel
-
-_TUNNELS: dict[tuple[str, str], tuple[subprocess.Popen, str]] = {}
-
-
-def state_dir(definition: AwsCluster) -> Path:
-    return Path(os.environ.get("LLMLAUNCH_HOME", "~/.cache/llmlaunch")).expanduser() / "aws" / definition.name
-
-
-def key_path(definition: AwsCluster, head: dict[str, Any]) -> Path:
-    """The private key for SSH to the head: the definition's, else Ray's default
-    (`~/.ssh/<the head's key pair>.pem`, which Ray wrote when it created the pair)."""
-    if definition.ssh_key:
-        return definition.ssh_key.path
-    return Path(f"~/.ssh/{head.get('key_name') or 'ray-autoscaler_' + definition.region}.pem").expanduser()
-
-
-def tunnel_command(definition: AwsCluster, head_ip: str, local_port: int, key: Path, known_hosts: Path) -> list[str]:
-    """The `ssh` command of the tunnel: 127.0.0.1:local_port on this machine to the head's
-    dashboard / Jobs API on the head's own loopback. Nothing listens on other interfaces."""
-    return ["ssh", "-N", "-L", f"127.0.0.1:{local_port}:127.0.0.1:{DASHBOARD_PORT}",
-            "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-            "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=3",
-            "-o", "ConnectTimeout=15",
-            # Trust on first use, one file per head instance: a new head (new key) gets a new file.
-            "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={known_hosts}",
-            f"{definition.ssh_user}@{head_ip}"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=3) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _die_with_parent() -> None:
-    # Linux: the tunnel goes when the launcher goes, even on SIGKILL (atexit covers the rest).
-    # The signal follows the thread that started ssh: the CLI opens tunnels from its main thread.
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
-def _reach(definition: AwsCluster, head: dict[str, Any], say: Progress) -> str:
-    ip = head["private_ip"] if definition.use_internal_ips else head["public_ip"]
-    if not ip:
-        raise ProviderError(f"the head {head['instance']} has no {'private' if definition.use_internal_ips else 'public'} IP",
-                            hint="subnets must give public IPs, or set use_internal_ips when the launcher is in the VPC")
-    cached = _TUNNELS.get((definition.name, ip))
-    if cached and cached[0].poll() is None and _answers(cached[1]):
-        return cached[1]
-    state = state_dir(definition)
-    state.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = state / "tunnel.log"
-    cmd = tunnel_command(definition, ip, port, key_path(definition, head), state / f"known_hosts-{head['instance']}")
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                preexec_fn=_die_with_parent)
-    atexit.register(_stop, proc)
-    deadline = time.monotonic() + TUNNEL_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ProviderError(f"SSH tunnel to the head {head['instance']} ({ip}) failed: "
-                                f"{log.read_text(errors='replace')[-800:].strip()}",
-                                hint="SSH comes in from `security_group.ssh_cidrs` only; check ssh_user and the key "
-                                     f"({cmd[cmd.index('-i') + 1]})")
-        if _answers(url):
-            _TUNNELS[(definition.name, ip)] = (proc, url)
-            say(f"SSH tunnel 127.0.0.1:{port} -> {definition.ssh_user}@{ip} (head {head['instance']}):{DASHBOARD_PORT}")
-            return url
-        time.sleep(0.5)
-    _stop(proc)
-    raise ProviderError(f"the Jobs API on the head {head['instance']} did not answer through the SSH tunnel within "
-                        f"{TUNNEL_TIMEOUT_S}s", hint=f"`launch status {definition.name}`; Ray's dashboard may still be "
-                                                     "starting: try again in a minute")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _close_tunnels(name: str) -> None:
-    for key in [k for k in _TUNNELS if k[0] == name]:
-        _stop(_TUNNELS.pop(key)[0])
-
-
 def address(definition: AwsCluster) -> str | None:
     """The Jobs API address of a running cluster (an SSH tunnel this process opens to the
     head, reused while it lives), else None when no head is set up."""
     head = _head(definition)
     if head is None or head["ray_status"] != STATUS_UP_TO_DATE or head["state"] != "running":
         return None
-    return _reach(definition, head, _quiet)
-
+    return reach(definition, head, _quiet)
 
 
 def job_address(definition: AwsCluster, job_id: str) -> str | None:

@@ -35,6 +35,8 @@ import pytest
 import yaml
 
 from cluster import ProviderError, aws
+from cluster.aws_preflight import preflight
+from cluster.aws_render import ingress_problems
 from cluster.definition import parse_cluster
 from tests.conftest import REPO
 from tests.fixtures.moto_server import MARKERS, aws_env, create_instance_profile, moto  # noqa: F401  (the fixture)
@@ -88,7 +90,7 @@ def test_ray_bootstraps_and_launches_the_example_and_down_terminates_it(account)
 
     d = example(admin_setup())
     progress = []
-    types = aws.preflight(d, progress.append)
+    types = preflight(d, progress.append)
     assert types["g5.12xlarge"]["GPU"] == 4 and types["m6i.xlarge"]["CPU"] == 4
     assert aws.capacity(d) == {"CPU": 48 * 8, "GPU": 4 * 8}  # spot and fallback types, at max_workers
     group_id = aws.ensure_security_group(d, on_progress=progress.append)
@@ -107,7 +109,7 @@ def test_ray_bootstraps_and_launches_the_example_and_down_terminates_it(account)
     assert [zones[s] for s in node_types["gpu"]["node_config"]["SubnetIds"]] == ["us-east-1a", "us-east-1b", "us-east-1c"]
     # Ray found the launcher's group and left its rules alone: no SSH from 0.0.0.0/0, no 8265
     rules = security_group("llmlaunch-aws-dev")["IpPermissions"]
-    assert aws.ingress_problems(rules, ("203.0.113.0/24",)) == []
+    assert ingress_problems(rules, ("203.0.113.0/24",)) == []
     flat = aws._flat_rules(rules)
     assert flat == {("-1", None, None, "GroupId", group_id), ("tcp", 22, 22, "CidrIp", "203.0.113.0/24")}
     assert not [m for m in MARKERS if m in json.dumps(resolved)]  # this config is copied to the head
@@ -164,7 +166,7 @@ def test_preflight_refuses_an_instance_type_the_region_does_not_have(account):
     data["workers"][0]["instance_type"] = "g5.96xlarge"
     d = parse_cluster({**data, "name": "aws-dev", "ami": ami})
     with pytest.raises(ProviderError) as e:
-        aws.preflight(d)
+        preflight(d)
     assert str(e.value) == "workers[0].instance_type: instance type g5.96xlarge does not exist in us-east-1"
     assert "describe-instance-types" in e.value.hint
     # `up` stops at the same place: nothing launched, no security group made
@@ -178,11 +180,11 @@ def test_preflight_refuses_an_instance_type_the_region_does_not_have(account):
 def test_preflight_refuses_a_missing_instance_profile(account):
     ami = admin_setup(profiles=("llmlaunch-node",))  # the head's profile was never made
     with pytest.raises(ProviderError) as e:
-        aws.preflight(example(ami))
+        preflight(example(ami))
     assert "instance profile llmlaunch-head" in str(e.value) and "Instance profiles" in e.value.hint
     boto3.client("iam").create_instance_profile(InstanceProfileName="llmlaunch-head")  # made, but without a role
     with pytest.raises(ProviderError) as e:
-        aws.preflight(example(ami))
+        preflight(example(ami))
     assert "has no role" in str(e.value) and "add-role-to-instance-profile" in e.value.hint
 
 
@@ -197,7 +199,7 @@ def test_preflight_names_what_does_not_exist(account, changes, words):
     if "ami" in changes:
         d = example(changes["ami"])
     with pytest.raises(ProviderError) as e:
-        aws.preflight(d)
+        preflight(d)
     assert words in str(e.value) and e.value.hint
 
 
@@ -205,7 +207,7 @@ def test_preflight_with_missing_credentials(account, monkeypatch):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var)
     with pytest.raises(ProviderError) as e:
-        aws.preflight(example("ami-0123456789abcdef0"))
+        preflight(example("ami-0123456789abcdef0"))
     assert "no AWS credentials found" in str(e.value) and "aws configure" in e.value.hint
 
 
@@ -229,7 +231,7 @@ def test_security_group_follows_the_definition_and_foreign_groups_are_not_used(a
     assert "is not the launcher's" in str(e.value) and "8265" in str(e.value)
     # the same group named in `ids` (used as is): pre-flight refuses it
     with pytest.raises(ProviderError) as e:
-        aws.preflight(example(ami, security_group={"ids": [other]}))
+        preflight(example(ami, security_group={"ids": [other]}))
     assert other in str(e.value) and "8265" in str(e.value) and "SSH" in e.value.hint
 
 
@@ -274,7 +276,7 @@ def test_up_launches_the_head_through_rays_launcher_and_explains_ssh_that_never_
     assert head["InstanceType"] == "m6i.xlarge" and "InstanceLifecycle" not in head
     assert head["IamInstanceProfile"]["Arn"].endswith(":instance-profile/llmlaunch-head")
     assert [g["GroupName"] for g in head["SecurityGroups"]] == ["llmlaunch-aws-dev"]
-    assert aws.ingress_problems(security_group("llmlaunch-aws-dev")["IpPermissions"], ("203.0.113.0/24",)) == []
+    assert ingress_problems(security_group("llmlaunch-aws-dev")["IpPermissions"], ("203.0.113.0/24",)) == []
     d = parse_cluster(data)
     st = aws.status(d)
     assert not st.running and "update-failed" in st.detail and "launch down aws-dev" in st.detail

@@ -18,7 +18,9 @@ import yaml
 from pydantic import ValidationError
 
 from cluster import aws
+from cluster.aws_errors import client_error, launch_error
 from cluster.aws_render import ConfigError, ingress_problems, node_config_problems, render, validate
+from cluster.aws_tunnel import key_path, tunnel_command
 from cluster.definition import parse_cluster
 from tests.conftest import REPO
 from tests.fixtures.moto_server import MARKERS, MARKER_ACCESS_KEY, MARKER_SECRET_KEY, MARKER_SESSION_TOKEN
@@ -343,45 +345,45 @@ def test_no_credential_reaches_a_rendered_config(monkeypatch):
 def test_tunnel_binds_loopback_only_and_uses_the_definitions_key(tmp_path):
     d = defn(ssh_key={"key_pair_name": "ml-team", "private_key_path": "~/.ssh/ml-team.pem"}, ssh_user="ec2-user")
     head = {"instance": "i-0abc", "key_name": "ml-team"}
-    cmd = aws.tunnel_command(d, "198.51.100.7", 41234, aws.key_path(d, head), tmp_path / "known_hosts")
+    cmd = tunnel_command(d, "198.51.100.7", 41234, key_path(d, head), tmp_path / "known_hosts")
     assert cmd[:4] == ["ssh", "-N", "-L", "127.0.0.1:41234:127.0.0.1:8265"]
     assert cmd[-1] == "ec2-user@198.51.100.7" and cmd[cmd.index("-i") + 1].endswith("/.ssh/ml-team.pem")
     assert "BatchMode=yes" in cmd and "ExitOnForwardFailure=yes" in cmd and "StrictHostKeyChecking=accept-new" in cmd
     assert not [a for a in cmd if "0.0.0.0" in a or a.startswith("-g") or "GatewayPorts" in a]
     # Ray's default key: the one Ray wrote for the head's key pair
-    assert str(aws.key_path(defn(), {"key_name": "ray-autoscaler_us-east-1"})).endswith(
+    assert str(key_path(defn(), {"key_name": "ray-autoscaler_us-east-1"})).endswith(
         "/.ssh/ray-autoscaler_us-east-1.pem")
 
 
 def test_launch_errors_say_what_to_do_and_which_fallback_is_used():
     d = defn()
-    e = aws.launch_error("InsufficientInstanceCapacity", "We currently do not have sufficient g5.12xlarge capacity",
-                         d, "gpu")
+    e = launch_error("InsufficientInstanceCapacity", "We currently do not have sufficient g5.12xlarge capacity",
+                     d, "gpu")
     assert "no spot capacity for g5.12xlarge in us-east-1a, us-east-1b, us-east-1c" in str(e)
     assert "`gpu-on-demand` (g5.12xlarge" in e.hint
-    e = aws.launch_error("MaxSpotInstanceCountExceeded", "Max spot instance count exceeded", d, "gpu")
+    e = launch_error("MaxSpotInstanceCountExceeded", "Max spot instance count exceeded", d, "gpu")
     assert "All G and VT Spot Instance Requests" in e.hint and "gpu-on-demand" in e.hint
-    e = aws.launch_error("VcpuLimitExceeded", "You have requested more vCPU capacity", d, "gpu-on-demand")
+    e = launch_error("VcpuLimitExceeded", "You have requested more vCPU capacity", d, "gpu-on-demand")
     assert "Running On-Demand G and VT instances" in e.hint and "Service Quotas" in e.hint
-    e = aws.launch_error("VcpuLimitExceeded", "You have requested more vCPU capacity", d, "head")
+    e = launch_error("VcpuLimitExceeded", "You have requested more vCPU capacity", d, "head")
     assert "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances" in e.hint
-    e = aws.launch_error("InstanceLimitExceeded", "limit", defn(workers=[worker(instance_type="p4d.24xlarge",
-                                                                                spot=True)]), "gpu")
+    e = launch_error("InstanceLimitExceeded", "limit", defn(workers=[worker(instance_type="p4d.24xlarge",
+                                                                            spot=True)]), "gpu")
     assert "All P Spot Instance Requests" in e.hint and "No fallback" in e.hint
-    e = aws.launch_error("InsufficientInstanceCapacity", "none", d, "head")
+    e = launch_error("InsufficientInstanceCapacity", "none", d, "head")
     assert "on-demand capacity for m6i.xlarge" in str(e) and "Fallback" not in e.hint
-    e = aws.launch_error("UnauthorizedOperation", "You are not authorized. Encoded authorization failure message: x",
-                         d, "head")
+    e = launch_error("UnauthorizedOperation", "You are not authorized. Encoded authorization failure message: x",
+                     d, "head")
     assert "not allowed" in str(e) and "decode-authorization-message" in e.hint
-    assert "expired" in str(aws.launch_error("ExpiredToken", "", d))
-    assert "rejected the credentials" in str(aws.launch_error("AuthFailure", "", d))
-    assert "spot_max_price" in aws.launch_error("SpotMaxPriceTooLow", "", d, "gpu").hint
+    assert "expired" in str(launch_error("ExpiredToken", "", d))
+    assert "rejected the credentials" in str(launch_error("AuthFailure", "", d))
+    assert "spot_max_price" in launch_error("SpotMaxPriceTooLow", "", d, "gpu").hint
 
 
 def test_missing_credentials_error_names_no_value():
     from botocore.exceptions import NoCredentialsError
 
-    e = aws.client_error(NoCredentialsError(), "launch up aws-dev")
+    e = client_error(NoCredentialsError(), "launch up aws-dev")
     assert "no AWS credentials" in str(e) and "aws configure" in e.hint
 
 
