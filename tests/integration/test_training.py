@@ -5,13 +5,16 @@ interruption, and the exported models."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
 import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO, output
+from tests.conftest import LAUNCH, REPO, output
 from trainers import checkpoint, storage
 
 pytestmark = pytest.mark.integration
@@ -185,9 +188,15 @@ def test_pretrain_on_local_storage_stops_early_with_a_checkpoint_and_a_model(lau
     assert_generates(download(storage.join(run, "model"), tmp_path / "model"))
 
 
-def test_interrupted_run_resumes_from_its_last_complete_checkpoint(launch, s3_env):
+def test_a_cancelled_run_resumes_and_a_lost_worker_restarts_in_the_job(launch, launch_home, s3_env):
+    """Both ways a run goes on from its newest complete checkpoint. Across jobs: the run is
+    cancelled, and the same command again resumes it from storage (`checkpoint.resume: auto`).
+    In the job: during that second run a Ray Train worker is SIGKILLed (a spot node reclaimed)
+    under `FailureConfig(max_failures)`, which the launcher sets from LLMLAUNCH_MAX_FAILURES (3 on
+    an aws definition with spot workers; the run's own `env` sets 1 here); Ray Train restarts the
+    worker group, the loop restores the checkpoint Ray Train holds, and the run finishes."""
     args = [QUICKSTART, f"checkpoint.storage={s3_env}", "name=resume", "train.max_steps=40",
-            "checkpoint.every_n_steps=10", "checkpoint.keep=5"]
+            "checkpoint.every_n_steps=10", "checkpoint.keep=5", "env.LLMLAUNCH_MAX_FAILURES=1"]
     first = launch(*args, "--detach")
     assert_ok(first)
     job = re.search(r"submitted job (\S+);", output(first)).group(1)
@@ -202,20 +211,40 @@ def test_interrupted_run_resumes_from_its_last_complete_checkpoint(launch, s3_en
     saved = [int(c.rsplit("_", 1)[1]) for c in checkpoint.complete_checkpoints(run1)]
     assert saved and max(saved) < 40
 
-    second = launch(*args)  # the same command again
-    assert_ok(second)
-    resumed_at = int(re.search(r"resuming from \S+ \(step (\d+)\)", output(second)).group(1))
+    # the same command again, attached; one worker is killed after its first new checkpoint
+    second = subprocess.Popen([*LAUNCH, *args], cwd=REPO, env={**os.environ, "LLMLAUNCH_HOME": launch_home},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, killed = [], None
+    for line in second.stdout:
+        lines.append(line)
+        saved_now = re.match(r"checkpoint saved: step (\d+)$", line.strip())
+        if killed is None and saved_now and int(saved_now.group(1)) > max(saved):
+            killed = _train_workers()
+            assert len(killed) == 2, killed
+            os.kill(max(killed), signal.SIGKILL)
+    text = "".join(lines)
+    assert second.wait(timeout=60) == 0 and killed, text[-4000:]
+    resumed_at = int(re.search(r"resuming from \S+ \(step (\d+)\)", text).group(1))
     assert resumed_at == max(saved)
-    assert f"starting at step {resumed_at}/40" in output(second)
+    starts = [int(s) for s in re.findall(r"starting at step (\d+)/40", text)]
+    assert starts[0] == resumed_at and len(starts) == 2 and starts[1] > resumed_at, (starts, text[-4000:])
 
-    run2 = run_dir(second)
+    run2 = re.search(r"run directory (\S+)", text).group(1)
     metrics = train_metrics(run2)
     assert [m["step"] for m in metrics] == list(range(1, 41))  # history carried, no step repeated
+    assert checkpoint.complete_checkpoints(run2)[-1].endswith(checkpoint.step_dir_name(40))
+    assert storage.exists(storage.join(run2, "model", "config.json"))
     first_run = {m["step"]: m["loss"] for m in train_metrics(run1)}
     # the loss continues where it stopped rather than starting over from the random init
     after = metrics[resumed_at]["loss"]
     assert after < 0.8 * first_run[1]
     assert abs(after - first_run[resumed_at]) < 0.25 * first_run[resumed_at]
+
+
+def _train_workers() -> list[int]:
+    """PIDs of the Ray Train workers running now (the tests run one job at a time)."""
+    found = subprocess.run(["pgrep", "-f", "^ray::RayTrainWorker"], capture_output=True, text=True).stdout
+    return [int(p) for p in found.split()]
 
 
 def _wait_terminal(launch, job: str, timeout_s: float = 120) -> None:
