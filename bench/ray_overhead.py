@@ -7,8 +7,9 @@ GPU), trained two ways:
             builds the engine with `trainers.engine.build_engine` and slices its rows out
             of tensors built before the run (no data loader at all);
   ray       a `TorchTrainer` with 2 workers whose loop builds the same engine and reads
-            its rows from `ray.train.get_dataset_shard("train")` through
-            `trainers.data.micro_batches`: the data path `trainers/sft.py` uses.
+            its rows from its shard of the driver's split (`trainers.data.split_for_workers`,
+            `worker_shard`) through `trainers.data.micro_batches`: the data path
+            `trainers/sft.py` uses.
 
 Both skip `--warmup` steps, then time `--steps` steps between two barriers and report
 tokens/s (non-pad tokens summed over the ranks). The pair runs `--repeats` times,
@@ -167,7 +168,7 @@ def ray_loop(cfg: dict[str, Any]) -> None:
     if cfg.get("npz"):  # --ray-tensors: Ray Train without Ray Data, rows sliced as torchrun does
         batches = tensor_batches(cfg, Path(cfg["npz"]), ctx.get_world_rank(), ctx.get_world_size())
     else:
-        shard = ray.train.get_dataset_shard("train")
+        shard = data.worker_shard(cfg, "train", ctx.get_world_rank())
         batches = data.micro_batches(shard, micro_batch_size=cfg["micro_batch_size"], grad_accum=cfg["grad_accum"],
                                      start_step=0, total_steps=cfg["total_steps"],
                                      steps_per_epoch=cfg["steps_per_epoch"], steps_per_fetch=cfg["steps_per_fetch"])
@@ -298,6 +299,8 @@ def run_ray(prep: dict[str, Any], tmp: Path, idx: int, verbose: bool, tensors: b
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from trainers import data
+
     os.environ.pop("RAY_ADDRESS", None)
     for key, value in RAY_ENV.items():  # a value set in the shell wins, to try others
         os.environ.setdefault(key, value)
@@ -325,6 +328,8 @@ def run_ray(prep: dict[str, Any], tmp: Path, idx: int, verbose: bool, tensors: b
         bounds = np.linspace(0, len(arrays["input_ids"]), 5).astype(int)
         dataset = None if tensors else ray.data.from_arrow([BlockAccessor.batch_to_block({k: v[a:b] for k, v in arrays.items()})
                                        for a, b in zip(bounds[:-1], bounds[1:])])
+        if dataset is not None:  # split in the driver, one shard per rank, as trainers.entry.fit does
+            cfg["shards"] = data.split_for_workers({"train": dataset}, 2)
         t_fit = time.time()
         phases["dataset_s"] = t_fit - t0 - phases["ray_init_s"]
         trainer = TorchTrainer(
@@ -334,7 +339,6 @@ def run_ray(prep: dict[str, Any], tmp: Path, idx: int, verbose: bool, tensors: b
                                          resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg["use_gpu"] else {})}),
             run_config=RunConfig(name=f"{name}-{idx}-{os.getpid()}", storage_path=str(tmp / "ray-storage"),
                                  failure_config=FailureConfig(max_failures=0)),
-            datasets={} if tensors else {"train": dataset},
         )
         trainer.fit()
         phases["fit_s"] = time.time() - t_fit

@@ -57,7 +57,7 @@ def check_spec(spec: AnyRun, source: str, *, use_gpu: bool = False, remote: bool
         issues.append(SpecIssue("model.path", "no such directory", spec.model.path))
     issues += _chat_template_file_issues(spec.data.chat_template)
     issues += _ppo_issues(spec, source)
-    issues += _esft_issues(spec)
+    issues += _esft_issues(spec, ds_cfg)
     if issues:
         raise SpecError(source, issues)
     return ds_cfg
@@ -99,11 +99,21 @@ def _ppo_issues(spec: AnyRun, source: str) -> list[SpecIssue]:
     return []
 
 
-def _esft_issues(spec: AnyRun) -> list[SpecIssue]:
+ESFT_ZERO3 = ("esft trains under ZeRO stages 0-2, not 3: under ZeRO-3 the backward pass of the split expert "
+              "tensors (trainable slices beside frozen ones) fails in DeepSpeed; stage 2 already shards the "
+              "optimizer state and gradients of all that trains (the selected experts)")
+
+
+def _esft_issues(spec: AnyRun, ds_cfg: dict) -> list[SpecIssue]:
     """ESFT needs a mixture-of-experts architecture it knows: a local model's config.json
-    says (a hub or s3:// model is checked by the job before anything starts)."""
+    says (a hub or s3:// model is checked by the job before anything starts). ZeRO-3 (the
+    shorthand or a JSON) is refused here rather than failing in the workers' first step."""
     if spec.method != "esft":
         return []
+    if ds_cfg.get("zero_optimization", {}).get("stage") == 3:
+        shorthand = isinstance(spec.train.deepspeed, ZeroSpec)
+        field = "train.deepspeed" if shorthand else f"train.deepspeed ({spec.train.deepspeed})"
+        return [SpecIssue(field, ESFT_ZERO3 + ": use stage 2")]
     config = os.path.join(spec.model.path, "config.json")
     if not os.path.isfile(config):
         return []

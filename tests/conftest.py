@@ -18,6 +18,14 @@ import pytest
 
 from tests.fixtures.s3 import S3Server, make_bucket, start_seaweedfs
 
+# This Python's bin directory first on PATH, as in an activated venv (the README runs
+# `.venv/bin/python -m pytest` without activating it). DeepSpeed JIT-builds its ops with the
+# first `ninja` on PATH: the venv's (1.13, a dependency of deepspeed) in .ci/setup and in the
+# jobs (cluster.local puts it first for the head), the system's (1.11) otherwise. The two
+# disagree about the build log, so each build made by one is rebuilt by the other (measured:
+# 30-45 s of g++ per op, several times per session).
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:

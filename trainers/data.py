@@ -1,5 +1,6 @@
-"""Training data: read, format, tokenize and pack ONCE with Ray Data in the job's driver;
-workers then read their shard with `ray.train.get_dataset_shard` and never re-tokenize.
+"""Training data: read, format, tokenize and pack ONCE with Ray Data in the job's driver,
+split there into one shard per worker (`split_for_workers`); workers read their shard
+(`worker_shard`) and never re-tokenize.
 
 Every row of the prepared dataset is one fixed-length sequence:
 `input_ids`, `labels` (-100 where no loss is taken) and `attention_mask`; packed rows also
@@ -602,6 +603,30 @@ def _count_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------- workers
+
+def split_for_workers(datasets: dict[str, Any], workers: int) -> dict[str, list[Any]]:
+    """Each prepared dataset split once, in the driver, into one shard per worker rank
+    (Ray Data's `split`, equal row counts: every rank takes the same number of steps and
+    evaluation batches), for the loop's config (`worker_shard`).
+
+    Why not Ray Train's `datasets=`: it gives every dataset a SplitCoordinator actor that
+    re-runs a `streaming_split` each epoch. For data that is already materialized that is
+    one more process per dataset (started when a worker first asks, ~3 s of every run's
+    start and of its first evaluation on 2 cores), a stall at every epoch boundary, and no
+    promise of the same rows to the same rank (a resumed run skips the right count of
+    steps, but not necessarily the same rows). A static split of the materialized blocks
+    has none of that; only a stream (`data.streaming`) needs the coordinator."""
+    return {name: ds.materialize().split(workers, equal=True) for name, ds in datasets.items()}
+
+
+def worker_shard(config: dict[str, Any], name: str, rank: int):
+    """This rank's shard of dataset `name`: its part of the driver's split, or (a stream)
+    Ray Train's streaming shard. Both iterate with `iter_batches` / `iter_torch_batches`."""
+    import ray.train
+
+    shards = config.get("shards") or {}
+    return shards[name][rank] if name in shards else ray.train.get_dataset_shard(name)
+
 
 def steps_per_epoch(rows: int, workers: int, micro_batch_size: int, grad_accum: int) -> int:
     """Optimizer steps per epoch; every worker takes the same number (an equal split)."""

@@ -22,6 +22,9 @@ def quiet_workers() -> None:
     # CPUs that an optional inference kernel (the `kernels` package) is missing: inference
     # only, and turned off for QLoRA training anyway (trainers.models).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # A worker iterates its own shard (trainers.data.split_for_workers): Ray Data would log
+    # the start and end of that local read at every epoch and evaluation.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     # tqdm bars of weight loading/saving garble a streamed log; progress is ours to report.
     from transformers.utils import logging as hf_logging
 

@@ -338,11 +338,13 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
                 **prepared.task_evals}
     if hasattr(method, "extra_datasets"):  # what a method reads besides train and eval (ESFT's scoring sample)
         datasets.update(method.extra_datasets(spec, prepared))
+    streamed = {"train": datasets["train"]} if prepared.rows is None else {}  # data.streaming
+    shards = data.split_for_workers({k: v for k, v in datasets.items() if k not in streamed}, spec.resources.workers)
     trainer = TorchTrainer(
         train_loop_per_worker=method.train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run, "total_steps": total_steps,
                            "steps_per_epoch": per_epoch, "resume_from": resume_from,
-                           "datasets": sorted(datasets), "trial": trial,
+                           "datasets": sorted(datasets), "shards": shards, "trial": trial,
                            "tasks": ({name: m["share"] for name, m in prepared.mixture.items()}
                                      if spec.method == "multitask" else {})},
         scaling_config=ScalingConfig(num_workers=spec.resources.workers, use_gpu=bool(gpus),
@@ -351,7 +353,7 @@ def fit(spec: AnyRun, run: str, prepared: data.Prepared, per_epoch: int, total_s
         run_config=RunConfig(name="checkpoints", storage_path=run_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=int(os.environ.get(MAX_FAILURES_ENV, "0"))),
                              callbacks=callbacks or []),
-        datasets=datasets,
+        datasets=streamed,
     )
     return trainer.fit()
 

@@ -68,7 +68,7 @@ def load_model(config: dict[str, Any], spec, model_dir: str, dtype: str, ds_conf
             print(f"esft: the selection of {_run_of(resumed)} ({_count(document['experts'])} experts)", flush=True)
     else:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        stats = score(model.to(device), ray.train.get_dataset_shard(SAMPLE), spec.train.micro_batch_size)
+        stats = score(model.to(device), data.worker_shard(config, SAMPLE, rank), spec.train.micro_batch_size)
         document = select(spec, stats)
     counts = esft_params.make_selected_trainable(model, document["experts"],
                                                  train_shared_experts=spec.esft.train_shared_experts,

@@ -58,12 +58,10 @@ class Session:
 
     def shard(self, name: str):
         """This worker's shard of a dataset the job gave the trainer, or None."""
-        import ray.train
-
         if name not in self.config["datasets"]:
             return None
         if name not in self.shards:
-            self.shards[name] = ray.train.get_dataset_shard(name)
+            self.shards[name] = data.worker_shard(self.config, name, self.rank)
         return self.shards[name]
 
 

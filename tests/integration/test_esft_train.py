@@ -52,7 +52,12 @@ def test_esft_scores_selects_and_trains_only_the_selected_experts(esft_run, laun
     evals = [m["eval_loss"] for m in rows if "eval_loss" in m]
     assert len(evals) == 3 and evals[-1] < evals[0] - 0.2, evals
 
-    # Only the selected experts moved; the rest of the model is bitwise the base.
+    assert_only_selected_moved_and_delta_is_export(run, chosen, launch, tmp_path)
+
+
+def assert_only_selected_moved_and_delta_is_export(run: str, chosen: list[list[int]], launch, tmp_path) -> None:
+    """Only the selected experts moved; the rest of the model is bitwise the base. The delta
+    applied to the base is the exported model."""
     trained = load_model(download(storage.join(run, "model"), tmp_path / "model")).state_dict()
     base = load_model(BASE).state_dict()
     assert set(trained) == set(base)
@@ -68,7 +73,6 @@ def test_esft_scores_selects_and_trains_only_the_selected_experts(esft_run, laun
             else:
                 assert torch.equal(after[e], before[e]), (key, e)
 
-    # The delta applied to the base is the exported model.
     delta = storage.join(run, "esft", "experts.safetensors")
     applied = launch("apply-delta", delta, "--out", str(tmp_path / "applied"), s3=False)
     assert applied.returncode == 0, output(applied)

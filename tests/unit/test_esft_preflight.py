@@ -44,3 +44,13 @@ def test_a_search_over_the_esft_section_validates(tmp_path):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     wrong = subprocess.run([*run, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "tune.search_space.esft.top_pp" in wrong.stdout + wrong.stderr
+
+
+def test_zero3_is_refused_before_anything_starts():
+    """Under ZeRO-3 the split expert tensors fail in DeepSpeed's backward (measured: the
+    first step of a 2-worker run); `launch validate` and `launch` refuse it, naming the field."""
+    proc = validate("train.deepspeed.stage=3")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "train.deepspeed: esft trains under ZeRO stages 0-2, not 3" in out and "Traceback" not in out
+    assert validate("train.deepspeed.stage=1").returncode == 0
