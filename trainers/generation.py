@@ -1,6 +1,7 @@
 """Rollouts for RL from feedback (issue 21): prompts in, sampled responses out, laid out for
 scoring and for the PPO losses. `hf_generate` is the transformers `generate` backend that
-runs everywhere; a vLLM backend on GPU machines returns the same `Rollout`.
+runs everywhere; a vLLM backend (not built yet: it needs a GPU machine to be tested) is to
+return the same `Rollout`.
 
 Layout: prompts are left-padded to a common width P so every response starts at column P;
 `sequences` (N, P + R) holds prompt + response, N = prompts x samples_per_prompt, the

@@ -103,3 +103,37 @@ def test_ppo_example_learns_and_survives_a_killed_actor_worker(launch_home, s3_s
 
     model = AutoModelForCausalLM.from_pretrained(download(storage.join(run, "model"), tmp_path / "model"))
     assert model.config.vocab_size == 512
+
+
+def test_a_search_over_grpo_reports_each_trials_iterations_to_tune(launch, tmp_path):
+    """`tune:` over a PPO-family run: each trial is a whole GRPO run (its own actor groups),
+    reports every iteration's metrics and evaluations to Tune, and the best trial's value
+    lands in best.yaml. Two trials (a grid over the KL coefficient), two iterations each."""
+    import csv
+    import io
+
+    import yaml
+
+    spec = tmp_path / "grpo_search.yaml"
+    spec.write_text(yaml.safe_dump({
+        "defaults": [str(REPO / "configs/examples/grpo.yaml")], "name": "grpo-search",
+        "train": {"max_steps": 2, "eval_every": 2, "eval_at_start": False},
+        "checkpoint": {"every_n_steps": 2},
+        "resources": {"cpus_per_worker": 0.5},
+        "tune": {"metric": "eval_reward", "mode": "max", "num_samples": 1,
+                 "search_space": {"ppo.kl_coef": {"grid": [0.01, 0.1]}}},
+    }))
+    proc = launch(str(spec), f"checkpoint.storage={tmp_path / 'runs'}", timeout=900)
+    assert_ok(proc)
+    run = run_dir(proc)
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(run, "tune", "results.csv")))))
+    assert sorted(float(r["ppo.kl_coef"]) for r in rows) == [0.01, 0.1], rows
+    assert all(r["status"] == "completed" and int(r["steps"]) == 2 for r in rows), rows
+    for r in rows:
+        reported = [json.loads(line) for line in storage.read_text(
+            storage.join(run, "trials", r["trial"], "metrics.jsonl")).splitlines()]
+        assert [m["step"] for m in reported if "reward_mean" in m] == [1, 2], reported
+        assert [m["step"] for m in reported if "eval_reward" in m] == [2], reported
+    best = yaml.safe_load(storage.read_text(storage.join(run, "best.yaml")))
+    assert "tune" not in best and best["ppo"]["kl_coef"] == float(rows[0]["ppo.kl_coef"])
+    assert json.loads(storage.read_text(storage.join(run, "result.json")))["trials"] == 2
