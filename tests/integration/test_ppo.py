@@ -114,12 +114,16 @@ def test_a_search_over_grpo_reports_each_trials_iterations_to_tune(launch, tmp_p
 
     import yaml
 
+    import shutil
+
+    shutil.copy(REPO / "configs/examples/rewards.py", tmp_path)  # the reward function sits beside the spec
     spec = tmp_path / "grpo_search.yaml"
     spec.write_text(yaml.safe_dump({
         "defaults": [str(REPO / "configs/examples/grpo.yaml")], "name": "grpo-search",
         "train": {"max_steps": 2, "eval_every": 2, "eval_at_start": False},
         "checkpoint": {"every_n_steps": 2},
-        "resources": {"cpus_per_worker": 0.5},
+        # one worker per role at a quarter CPU: both trials (roles + trial driver, 1 CPU each) run at once
+        "resources": {"workers": 1, "cpus_per_worker": 0.25},
         "tune": {"metric": "eval_reward", "mode": "max", "num_samples": 1,
                  "search_space": {"ppo.kl_coef": {"grid": [0.01, 0.1]}}},
     }))
